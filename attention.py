@@ -1,0 +1,284 @@
+"""
+Attention for the Dual Attention Transformer: causal self-attention, relational attention (RA),
+relational cross-attention (RCA), disentangled RCA (DisRCA), and dual attention (their concatenation).
+
+Shapes: B batch, T length, d model width, H heads of width h, n_r relations of width d_r.
+Symbols reach the relational modules in one of two forms:
+  - per position, (B, T, d): from symbolic attention; the value of sender j is sv_j = W_v s_j;
+  - position-relative, a table E of shape (2M+1, d): the value sender j gives receiver i is
+    sv_ij = W_v E[clip(j - i, -M, M) + M]. W_v is applied to the table (never to a T x T x d tensor)
+    and the attention weights are re-indexed by offset ("skewed") before one matmul with it.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# -----------------------------------------------------------------------------
+# rotary position embeddings (llama convention: consecutive pairs are rotated)
+
+def rope_tables(head_dim, max_len, theta=10000.0):
+    """cos and sin of the angles p * theta^(-2i/h), each (max_len, head_dim // 2), float32."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(max_len).float(), freqs)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x, rope):
+    """Rotate the pairs (x[2i], x[2i+1]) of x (B, H, T, h) by the angles of rope = (cos, sin), each (T, h/2).
+
+    out[2i] = x[2i] cos - x[2i+1] sin;  out[2i+1] = x[2i] sin + x[2i+1] cos  (in float32, cast back)."""
+    if rope is None:
+        return x
+    cos, sin = rope
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x_even, x_odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+# -----------------------------------------------------------------------------
+# shared pieces
+
+def split_heads(x, n_heads):
+    """(B, T, n*h) -> (B, n, T, h)"""
+    return x.unflatten(-1, (n_heads, -1)).transpose(1, 2)
+
+
+def merge_heads(x):
+    """(B, n, T, h) -> (B, T, n*h)"""
+    return x.transpose(1, 2).flatten(2)
+
+
+def causal_softmax(q, k, scale):
+    """Causal attention probabilities softmax(q k^T * scale) over j <= i: (B, H, T, T)."""
+    T = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+
+
+def relative_offset_table(table, T, max_rel_pos):
+    """Rows of a projected relative table (2M+1, C) for the offsets j - i = -(T-1) .. 0: (T, C).
+
+    Row k holds offset k - (T-1), clipped to [-M, M]."""
+    offsets = torch.arange(-(T - 1), 1, device=table.device).clamp(-max_rel_pos, max_rel_pos)
+    return table[offsets + max_rel_pos]
+
+
+def skew_causal(w):
+    """Re-index causal weights by offset: out[..., i, k] = w[..., i, i + k - (T-1)] (0 where that j < 0).
+
+    For causal w (zero above the diagonal) this is lossless, and
+    sum_j w_ij E[j-i] = sum_k out_ik E[k-(T-1)], one matmul with the offset table."""
+    T = w.size(-1)
+    i = torch.arange(T, device=w.device).unsqueeze(1)
+    k = torch.arange(T, device=w.device).unsqueeze(0)
+    j = i + k - (T - 1)  # (T, T)
+    gathered = torch.gather(w, -1, j.clamp(min=0).expand(w.shape))
+    return gathered.masked_fill(j < 0, 0.0)
+
+
+def attend_symbols(w, sv, n_heads, max_rel_pos):
+    """sum_j w_ij sv_j (per-position symbols) or sum_j w_ij sv_ij (relative symbols): (B, n, T, h).
+
+    w: causal weights (B, n, T, T); sv: projected symbols (B, T, n*h), or the projected relative
+    table (2M+1, n*h) when max_rel_pos is given."""
+    if max_rel_pos is None:
+        return w @ split_heads(sv, n_heads)
+    T = w.size(-1)
+    rows = relative_offset_table(sv, T, max_rel_pos).unflatten(-1, (n_heads, -1)).transpose(0, 1)  # (n, T, h)
+    return skew_causal(w) @ rows
+
+
+class HeadLayout:
+    """Head widths of one attention kind inside dual attention: n_heads of width d_model // total_heads."""
+
+    def __init__(self, d_model, n_heads, total_heads):
+        if total_heads <= 0 or d_model % total_heads != 0:
+            raise ValueError(f"d_model={d_model} must be divisible by the total number of heads ({total_heads})")
+        self.n_heads = n_heads
+        self.head_dim = d_model // total_heads
+        self.width = n_heads * self.head_dim
+
+
+# -----------------------------------------------------------------------------
+# self-attention (sensory heads)
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention: softmax(q k^T / sqrt(h)) v, heads concatenated, then W_o.
+
+    With total_heads > n_heads (dual attention) the heads keep the width d / total_heads."""
+
+    def __init__(self, d_model, n_heads, dropout, total_heads=None, bias_out=False):
+        super().__init__()
+        layout = HeadLayout(d_model, n_heads, total_heads or n_heads)
+        self.n_heads, self.head_dim = n_heads, layout.head_dim
+        self.dropout = dropout
+        self.wq = nn.Linear(d_model, layout.width, bias=False)
+        self.wk = nn.Linear(d_model, layout.width, bias=False)
+        self.wv = nn.Linear(d_model, layout.width, bias=False)
+        self.wo = nn.Linear(layout.width, layout.width, bias=bias_out)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x, rope=None):
+        q = apply_rope(split_heads(self.wq(x), self.n_heads), rope)  # (B, n, T, h)
+        k = apply_rope(split_heads(self.wk(x), self.n_heads), rope)
+        v = split_heads(self.wv(x), self.n_heads)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.wo(merge_heads(out)))
+
+
+# -----------------------------------------------------------------------------
+# relational heads
+
+class RelationalAttention(nn.Module):
+    """Relational attention (RA). For head g and receiver i:
+
+        alpha^g = causal softmax(q^g_i . k^g_j / sqrt(h))                 (selection, RoPE on q, k)
+        r_ij[l] = <x_i W^rel_{q,l}, x_j W^rel_{k,l}> / sqrt(d_r)           (n_r relations, no RoPE)
+        a^g_i   = sum_j alpha^g_ij (sv^g_j + W_r[g] r_ij)                  (W_r[g]: h x n_r)
+
+    Computed without a B.T.T.n.h tensor: since relations are bilinear,
+        sum_j alpha_ij r_ij[l] = <q^rel_{i,l}, sum_j alpha_ij k^rel_{j,l}> / sqrt(d_r),
+    so the relation keys are attended like extra value columns, then W_r maps the n_r-vector.
+    `symmetric_rels` ties W^rel_k to W^rel_q. `rel_dim` (d_r) defaults to the head width."""
+
+    def __init__(self, d_model, n_heads, dropout, total_heads=None, symmetric_rels=False,
+                 use_relative_positional_symbols=False, max_rel_pos=None, rel_dim=None):
+        super().__init__()
+        layout = HeadLayout(d_model, n_heads, total_heads or n_heads)
+        self.n_heads, self.head_dim = n_heads, layout.head_dim
+        self.n_relations = n_heads
+        self.rel_dim = rel_dim or layout.head_dim
+        self.symmetric_rels = symmetric_rels
+        self.max_rel_pos = max_rel_pos if use_relative_positional_symbols else None
+        self.dropout = dropout
+        self.wr = nn.Parameter(torch.empty(n_heads, layout.head_dim, self.n_relations))
+        bound = self.n_relations ** -0.5  # the default init of the paper era's nn.Linear(n_r, n*h)
+        nn.init.uniform_(self.wr, -bound, bound)
+        self.wq_attn = nn.Linear(d_model, layout.width, bias=False)
+        self.wk_attn = nn.Linear(d_model, layout.width, bias=False)
+        self.wq_rel = nn.Linear(d_model, self.n_relations * self.rel_dim, bias=False)
+        self.wk_rel = self.wq_rel if symmetric_rels else nn.Linear(d_model, self.n_relations * self.rel_dim, bias=False)
+        self.wv = nn.Linear(d_model, layout.width, bias=False)
+        self.wo = nn.Linear(layout.width, layout.width, bias=False)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x, symbols, rope=None):
+        B, T, _ = x.shape
+        n, n_r, d_r = self.n_heads, self.n_relations, self.rel_dim
+        q = apply_rope(split_heads(self.wq_attn(x), n), rope)  # (B, n, T, h)
+        k = apply_rope(split_heads(self.wk_attn(x), n), rope)
+        q_rel = self.wq_rel(x)  # (B, T, n_r*d_r)
+        k_rel = q_rel if self.symmetric_rels else self.wk_rel(x)
+        sv = self.wv(symbols)  # (B, T, n*h) or relative table (2M+1, n*h)
+        k_rel_heads = k_rel.unsqueeze(1).expand(B, n, T, n_r * d_r)
+        p = self.dropout if self.training else 0.0
+        if self.max_rel_pos is None:
+            values = torch.cat((split_heads(sv, n), k_rel_heads), dim=-1)  # (B, n, T, h + n_r*d_r)
+            out = F.scaled_dot_product_attention(q, k, values, is_causal=True, dropout_p=p)
+            attended_symbols, attended_keys = out.split((self.head_dim, n_r * d_r), dim=-1)
+        else:
+            alpha = F.dropout(causal_softmax(q, k, self.head_dim ** -0.5), p, self.training)  # (B, n, T, T)
+            attended_symbols = attend_symbols(alpha, sv, n, self.max_rel_pos)
+            attended_keys = alpha @ k_rel_heads  # (B, n, T, n_r*d_r)
+        # sum_j alpha_ij r_ij[l] = <q_rel_i,l , (sum_j alpha_ij k_rel_j),l> / sqrt(d_r): (B, n, T, n_r)
+        q_rel = q_rel.view(B, 1, T, n_r, d_r)
+        attended_relations = (attended_keys.view(B, n, T, n_r, d_r) * q_rel).sum(-1) * d_r ** -0.5
+        out = attended_symbols + torch.einsum("bgtl,gdl->bgtd", attended_relations, self.wr)  # (B, n, T, h)
+        return self.resid_dropout(self.wo(merge_heads(out)))
+
+
+class RelationalCrossAttention(nn.Module):
+    """Relational cross-attention (RCA): a^g_i = sum_j softmax_j(q^g_i . k^g_j / sqrt(h)) sv^g_j (causal, RoPE)."""
+
+    def __init__(self, d_model, n_heads, dropout, total_heads=None,
+                 use_relative_positional_symbols=False, max_rel_pos=None):
+        super().__init__()
+        layout = HeadLayout(d_model, n_heads, total_heads or n_heads)
+        self.n_heads, self.head_dim = n_heads, layout.head_dim
+        self.max_rel_pos = max_rel_pos if use_relative_positional_symbols else None
+        self.dropout = dropout
+        self.wq = nn.Linear(d_model, layout.width, bias=False)
+        self.wk = nn.Linear(d_model, layout.width, bias=False)
+        self.wv = nn.Linear(d_model, layout.width, bias=False)
+        self.wo = nn.Linear(layout.width, layout.width, bias=False)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x, symbols, rope=None):
+        n = self.n_heads
+        q = apply_rope(split_heads(self.wq(x), n), rope)  # (B, n, T, h)
+        k = apply_rope(split_heads(self.wk(x), n), rope)
+        sv = self.wv(symbols)
+        p = self.dropout if self.training else 0.0
+        if self.max_rel_pos is None:
+            out = F.scaled_dot_product_attention(q, k, split_heads(sv, n), is_causal=True, dropout_p=p)
+        else:
+            alpha = F.dropout(causal_softmax(q, k, self.head_dim ** -0.5), p, self.training)
+            out = attend_symbols(alpha, sv, n, self.max_rel_pos)
+        return self.resid_dropout(self.wo(merge_heads(out)))
+
+
+class DisentangledRelationalCrossAttention(nn.Module):
+    """Disentangled RCA (DisRCA): per head g,
+
+        alpha^g = causal softmax(q^g_i . k^g_j / sqrt(h))     (RoPE on q, k)
+        rho^g   = q^rel,g_i . k^rel,g_j / sqrt(h)              (no mask, no RoPE)
+        a^g_i   = sum_j drop(alpha^g ⊙ rho^g)_ij sv^g_j."""
+
+    def __init__(self, d_model, n_heads, dropout, total_heads=None,
+                 use_relative_positional_symbols=False, max_rel_pos=None):
+        super().__init__()
+        layout = HeadLayout(d_model, n_heads, total_heads or n_heads)
+        self.n_heads, self.head_dim = n_heads, layout.head_dim
+        self.max_rel_pos = max_rel_pos if use_relative_positional_symbols else None
+        self.dropout = dropout
+        self.wq_attn = nn.Linear(d_model, layout.width, bias=False)
+        self.wk_attn = nn.Linear(d_model, layout.width, bias=False)
+        self.wq_rel = nn.Linear(d_model, layout.width, bias=False)
+        self.wk_rel = nn.Linear(d_model, layout.width, bias=False)
+        self.wv = nn.Linear(d_model, layout.width, bias=False)
+        self.wo = nn.Linear(layout.width, layout.width, bias=False)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x, symbols, rope=None):
+        n, scale = self.n_heads, self.head_dim ** -0.5
+        q = apply_rope(split_heads(self.wq_attn(x), n), rope)  # (B, n, T, h)
+        k = apply_rope(split_heads(self.wk_attn(x), n), rope)
+        rho = (split_heads(self.wq_rel(x), n) @ split_heads(self.wk_rel(x), n).transpose(-2, -1)) * scale
+        w = causal_softmax(q, k, scale) * rho  # (B, n, T, T), zero above the diagonal
+        w = F.dropout(w, self.dropout if self.training else 0.0, self.training)
+        out = attend_symbols(w, self.wv(symbols), n, self.max_rel_pos)
+        return self.resid_dropout(self.wo(merge_heads(out)))
+
+
+RELATIONAL_ATTENTION = {
+    "relational_attention": RelationalAttention,
+    "rca": RelationalCrossAttention,
+    "disrca": DisentangledRelationalCrossAttention,
+}
+
+
+class DualAttention(nn.Module):
+    """concat(self-attention over sa heads, relational attention over ra heads): width (sa + ra) * h = d."""
+
+    def __init__(self, d_model, n_heads_sa, n_heads_ra, dropout, ra_type="relational_attention", ra_kwargs=None,
+                 max_rel_pos=None):
+        super().__init__()
+        if ra_type not in RELATIONAL_ATTENTION:
+            raise ValueError(f"unknown ra_type {ra_type!r}; choose from {sorted(RELATIONAL_ATTENTION)}")
+        total = n_heads_sa + n_heads_ra
+        self.self_attention = Attention(d_model, n_heads_sa, dropout, total_heads=total) if n_heads_sa > 0 else None
+        self.relational_attention = RELATIONAL_ATTENTION[ra_type](
+            d_model, n_heads_ra, dropout, total_heads=total, max_rel_pos=max_rel_pos, **(ra_kwargs or {}))
+
+    def forward(self, x, symbols, rope=None):
+        relational = self.relational_attention(x, symbols, rope)
+        if self.self_attention is None:
+            return relational
+        return torch.cat((self.self_attention(x, rope), relational), dim=-1)
