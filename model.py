@@ -90,18 +90,24 @@ class FeedForward(nn.Module):
 # blocks
 
 class Block(nn.Module):
-    """Residual block around a mixing layer (`mix`, attention: defined by the subclasses) and a feed-forward layer.
+    """Residual block around a mixing layer (attention, registered as `mixer_name`) and a feed-forward layer.
 
     pre-norm:  x = x + drop(mix(LN1(x))); x = x + drop(FF(LN2(x)))
     post-norm: x = LN1(x + drop(mix(x))); x = drop(x); x = LN2(x + drop(FF(x)))"""
 
-    def __init__(self, d_model, dropout_rate, norm_first, ff_block):
+    def __init__(self, d_model, dropout_rate, norm_first, mixer_name, mixer, ff_block):
         super().__init__()
         self.norm_first = norm_first
+        self.dropout = nn.Dropout(dropout_rate)
         self.norm1 = nn.LayerNorm(d_model)
+        setattr(self, mixer_name, mixer)  # registered in the reference's order
+        self.mixer = mixer_name
         self.norm2 = nn.LayerNorm(d_model)
         self.ff_block = ff_block
-        self.dropout = nn.Dropout(dropout_rate)
+
+    def mix(self, x, symbols, rope):
+        mixer = getattr(self, self.mixer)
+        return mixer(x, rope) if symbols is None else mixer(x, symbols, rope)
 
     def forward(self, x, symbols=None, rope=None):
         if self.norm_first:
@@ -112,25 +118,19 @@ class Block(nn.Module):
         return self.norm2(x + self.dropout(self.ff_block(x)))
 
 
-class TransformerBlock(Block):
-    def __init__(self, d_model, n_heads, dff, dropout_rate, activation, norm_first, bias, arch):
-        super().__init__(d_model, dropout_rate, norm_first, FeedForward(d_model, dff, activation, bias, arch))
-        self.self_attn = Attention(d_model, n_heads, dropout_rate, bias_out=bias)
-
-    def mix(self, x, symbols, rope):
-        return self.self_attn(x, rope)
+def transformer_block(d_model, n_heads, dff, dropout_rate, activation, norm_first, bias, arch):
+    """Self-attention (output bias = `bias`) and a feed-forward layer (bias = `bias`)."""
+    attn = Attention(d_model, n_heads, dropout_rate, bias_out=bias)
+    ff = FeedForward(d_model, dff, activation, bias, arch)
+    return Block(d_model, dropout_rate, norm_first, "self_attn", attn, ff)
 
 
-class DualAttnBlock(Block):
-    """A DAT block: the feed-forward layer always has biases, attention never (as in the reference)."""
-
-    def __init__(self, d_model, n_heads_sa, n_heads_ra, dff, dropout_rate, activation, norm_first, ra_type,
-                 ra_kwargs, max_rel_pos, arch):
-        super().__init__(d_model, dropout_rate, norm_first, FeedForward(d_model, dff, activation, True, arch))
-        self.dual_attn = DualAttention(d_model, n_heads_sa, n_heads_ra, dropout_rate, ra_type, ra_kwargs, max_rel_pos)
-
-    def mix(self, x, symbols, rope):
-        return self.dual_attn(x, symbols, rope)
+def dual_attn_block(d_model, n_heads_sa, n_heads_ra, dff, dropout_rate, activation, norm_first, ra_type, ra_kwargs,
+                    max_rel_pos, arch):
+    """Dual attention and a feed-forward layer that always has biases (attention never: as in the reference)."""
+    attn = DualAttention(d_model, n_heads_sa, n_heads_ra, dropout_rate, ra_type, ra_kwargs, max_rel_pos)
+    ff = FeedForward(d_model, dff, activation, True, arch)
+    return Block(d_model, dropout_rate, norm_first, "dual_attn", attn, ff)
 
 
 # -----------------------------------------------------------------------------
@@ -190,13 +190,13 @@ SYMBOL_RETRIEVERS = {"symbolic_attention": SymbolicAttention, "position_relative
 class LanguageModel(nn.Module):
     """Embedding (+ learned positions or RoPE), blocks, final LayerNorm, output layer tied to the embedding.
 
-    Subclasses build `blocks` (and a symbol retriever) and say how many heads share d_model."""
+    Subclasses build the blocks (and the shared symbol retriever). Modules are registered in the
+    reference's order, so parameter order (and hence optimizer state) matches its checkpoints."""
 
-    def __init__(self, vocab_size, d_model, n_layers, max_block_size, pos_enc_type, total_heads, dropout_rate, arch):
+    def __init__(self, vocab_size, d_model, n_layers, max_block_size, pos_enc_type, total_heads, dropout_rate, arch,
+                 blocks, retriever=None):
         super().__init__()
         self.arch = get_arch(arch)
-        if total_heads <= 0 or d_model % total_heads != 0:
-            raise ValueError(f"d_model={d_model} must be divisible by the number of heads ({total_heads})")
         if pos_enc_type not in ("RoPE", "pos_emb"):
             raise ValueError(f"unknown pos_enc_type {pos_enc_type!r}; choose 'RoPE' or 'pos_emb'")
         self.vocab_size, self.d_model, self.n_layers = vocab_size, d_model, n_layers
@@ -206,6 +206,14 @@ class LanguageModel(nn.Module):
             token_embedder=nn.Embedding(vocab_size, d_model),
             dropout=nn.Dropout(dropout_rate),  # defined by the reference but never applied; kept for parity
         ))
+        if retriever is not None:  # the reference registers the shared retriever once per layer
+            self.layers["symbol_retrievers"] = nn.ModuleList([retriever] * n_layers)
+        self.layers["blocks"] = blocks
+        if self.arch.final_norm:
+            self.layers["norm"] = nn.LayerNorm(d_model)
+        self.layers["final_out"] = nn.Linear(d_model, vocab_size, bias=not self.arch.tied_output)
+        if self.arch.tied_output:
+            self.layers.final_out.weight = self.layers.token_embedder.weight
         if pos_enc_type == "pos_emb":
             self.layers["positional_embedder"] = nn.Embedding(max_block_size, d_model)
         else:
@@ -214,11 +222,7 @@ class LanguageModel(nn.Module):
             cos, sin = rope_tables(self.head_dim, max_block_size)
             self.register_buffer("freqs_cos", cos, persistent=False)
             self.register_buffer("freqs_sin", sin, persistent=False)
-        if self.arch.final_norm:
-            self.layers["norm"] = nn.LayerNorm(d_model)
-        self.layers["final_out"] = nn.Linear(d_model, vocab_size, bias=not self.arch.tied_output)
-        if self.arch.tied_output:
-            self.layers.final_out.weight = self.layers.token_embedder.weight
+        self.init_weights()
 
     def init_weights(self):
         """GPT-2 initialisation ('current'): Linear/Embedding/W_r ~ N(0, 0.02), biases 0, then every
@@ -321,11 +325,11 @@ def block_forward_flops(block, T):
     """Forward FLOPs per token of one block: its linear maps plus the attention products over T keys.
     (W_v of position-relative symbols maps the offset table, not the tokens: see retriever_forward_flops.)"""
     flops = linear_flops(block)
-    attn = block.self_attn if isinstance(block, TransformerBlock) else block.dual_attn.self_attention
-    if attn is not None:
-        flops += 4 * T * attn.n_heads * attn.head_dim  # q k^T and probs @ v
-    if isinstance(block, DualAttnBlock):
-        flops += relational_forward_flops(block.dual_attn.relational_attention, T)
+    if block.mixer == "self_attn":
+        return flops + 4 * T * block.self_attn.n_heads * block.self_attn.head_dim  # q k^T and probs @ v
+    if block.dual_attn.self_attention is not None:
+        flops += 4 * T * block.dual_attn.self_attention.n_heads * block.dual_attn.self_attention.head_dim
+    return flops + relational_forward_flops(block.dual_attn.relational_attention, T)
     return flops
 
 
@@ -344,16 +348,22 @@ def relational_forward_flops(ra, T):
     return flops
 
 
+def check_heads(d_model, total_heads):
+    if total_heads <= 0 or d_model % total_heads != 0:
+        raise ValueError(f"d_model={d_model} must be divisible by the number of heads ({total_heads})")
+
+
 class TransformerLM(LanguageModel):
     """Transformer baseline: n_heads self-attention heads per block."""
 
     def __init__(self, vocab_size, d_model, n_layers, n_heads, dff, dropout_rate, activation, norm_first,
                  max_block_size, bias=True, pos_enc_type="pos_emb", arch="current"):
-        super().__init__(vocab_size, d_model, n_layers, max_block_size, pos_enc_type, n_heads, dropout_rate, arch)
-        self.layers["blocks"] = nn.ModuleList([
-            TransformerBlock(d_model, n_heads, dff, dropout_rate, activation, norm_first, bias, self.arch)
+        check_heads(d_model, n_heads)
+        blocks = nn.ModuleList([
+            transformer_block(d_model, n_heads, dff, dropout_rate, activation, norm_first, bias, get_arch(arch))
             for _ in range(n_layers)])
-        self.init_weights()
+        super().__init__(vocab_size, d_model, n_layers, max_block_size, pos_enc_type, n_heads, dropout_rate, arch,
+                         blocks)
 
 
 class DualAttnTransformerLM(LanguageModel):
@@ -364,28 +374,26 @@ class DualAttnTransformerLM(LanguageModel):
                  dropout_rate, activation, norm_first, max_block_size, ra_kwargs=None,
                  ra_type="relational_attention", symbol_retrieval="symbolic_attention", pos_enc_type="pos_emb",
                  bias=True, arch="current"):
-        super().__init__(vocab_size, d_model, n_layers, max_block_size, pos_enc_type, n_heads_sa + n_heads_ra,
-                         dropout_rate, arch)
         if n_heads_ra <= 0 or n_heads_sa < 0:
             raise ValueError(f"a DAT needs n_heads_ra > 0 and n_heads_sa >= 0 (got {n_heads_sa}, {n_heads_ra})")
+        check_heads(d_model, n_heads_sa + n_heads_ra)
         if symbol_retrieval not in SYMBOL_RETRIEVERS:
             raise ValueError(f"unknown symbol_retrieval {symbol_retrieval!r}; choose from {sorted(SYMBOL_RETRIEVERS)}")
-        self.n_heads_sa, self.n_heads_ra = n_heads_sa, n_heads_ra
         retriever = SYMBOL_RETRIEVERS[symbol_retrieval](**symbol_retrieval_kwargs)
         ra_kwargs = dict(ra_kwargs or {})
-        if self.arch.rel_dim_from_d and ra_type == "relational_attention":
+        if get_arch(arch).rel_dim_from_d and ra_type == "relational_attention":
             ra_kwargs["rel_dim"] = d_model // n_heads_ra
         relative = ra_kwargs.get("use_relative_positional_symbols", False)
         if relative != (symbol_retrieval == "position_relative"):
             raise ValueError("use_relative_positional_symbols must be set exactly when symbols are position-relative")
         max_rel_pos = retriever.max_rel_pos if relative else None
-        # the reference registers the shared retriever once per layer; parameters are shared
-        self.layers["symbol_retrievers"] = nn.ModuleList([retriever] * n_layers)
-        self.layers["blocks"] = nn.ModuleList([
-            DualAttnBlock(d_model, n_heads_sa, n_heads_ra, dff, dropout_rate, activation, norm_first, ra_type,
-                          ra_kwargs, max_rel_pos, self.arch)
+        blocks = nn.ModuleList([
+            dual_attn_block(d_model, n_heads_sa, n_heads_ra, dff, dropout_rate, activation, norm_first, ra_type,
+                          ra_kwargs, max_rel_pos, get_arch(arch))
             for _ in range(n_layers)])
-        self.init_weights()
+        super().__init__(vocab_size, d_model, n_layers, max_block_size, pos_enc_type, n_heads_sa + n_heads_ra,
+                         dropout_rate, arch, blocks, retriever)
+        self.n_heads_sa, self.n_heads_ra = n_heads_sa, n_heads_ra
 
     def symbols(self, layer, x):
         return self.layers.symbol_retrievers[layer](x)
@@ -525,3 +533,22 @@ def paper_state_dict_to_current(state_dict, n_layers, n_heads_ra=None):
             continue
         out[key] = value
     return out
+
+
+def checkpoint_kind_and_arch(ckpt):
+    """(kind, arch) of a checkpoint: ours record them; the reference's train.py stores only model_args, so
+    the kind follows from the head arguments and the arch from the state dict (PAPER_ARCH.md §5: the
+    paper era has an output bias and no final LayerNorm)."""
+    args, state = ckpt["model_args"], ckpt["model"]
+    kind = ckpt.get("kind") or ("TransformerLM" if "n_heads" in args else
+                                "AbstractTransformerLM" if "n_heads_rca" in args else "DualAttnTransformerLM")
+    keys = {k.removeprefix("_orig_mod.").removeprefix("module.") for k in state}
+    paper = "layers.final_out.bias" in keys and "layers.norm.weight" not in keys
+    return kind, ckpt.get("arch") or ("paper" if paper else "current")
+
+
+def model_from_checkpoint(ckpt):
+    """Our model with a checkpoint's weights (ours or the reference's, either arch), in eval mode."""
+    kind, arch = checkpoint_kind_and_arch(ckpt)
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    return from_reference(kind, ckpt["model_args"], state, arch=arch)
