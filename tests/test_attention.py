@@ -1,0 +1,132 @@
+"""The fast relational heads of attention.py against the plain materialised formulation (tests/plain_attention.py),
+in float64: outputs and gradients to 1e-10."""
+
+import pytest
+import torch
+
+from attention import (DisentangledRelationalCrossAttention, DualAttention, RelationalAttention,
+                       RelationalCrossAttention, apply_rope, rope_tables, skew_causal)
+from plain_attention import PLAIN_FORWARDS, use_plain_attention
+
+RELATIONAL = [RelationalAttention, RelationalCrossAttention, DisentangledRelationalCrossAttention]
+
+
+def randomise(module, generator):
+    """Redraw every parameter at a scale where each path moves the output."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) / max(p.shape[-1], 1) ** 0.5)
+
+
+def build(cls, d, n, total, relative, max_rel_pos, **kwargs):
+    module = cls(d, n, dropout=0.0, total_heads=total, use_relative_positional_symbols=relative,
+                 max_rel_pos=max_rel_pos, **kwargs).double()
+    randomise(module, torch.Generator().manual_seed(0))
+    return module
+
+
+def inputs(B, T, d, relative, max_rel_pos, generator):
+    x = torch.randn(B, T, d, generator=generator, dtype=torch.float64, requires_grad=True)
+    shape = (2 * max_rel_pos + 1, d) if relative else (B, T, d)
+    symbols = torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    return x, symbols
+
+
+def grads(module, x, symbols, out):
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    tensors = [x, symbols, *module.parameters()]
+    return torch.autograd.grad((out * weights).sum(), tensors)
+
+
+CASES = [  # (d, n heads here, total heads, T, max_rel_pos, use_rope)
+    (32, 2, 4, 9, 9, True),
+    (24, 3, 4, 7, 16, False),  # T shorter than the table
+    (30, 1, 5, 12, 4, True),   # offsets clipped to +-M, odd head counts
+    (16, 4, 4, 1, 2, False),   # a single position
+]
+
+
+@pytest.mark.parametrize("cls", RELATIONAL, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("relative", [False, True], ids=["symbolic", "position_relative"])
+@pytest.mark.parametrize("case", CASES, ids=[f"d{c[0]}_n{c[1]}of{c[2]}_T{c[3]}_M{c[4]}" for c in CASES])
+def test_fast_equals_plain(cls, relative, case):
+    d, n, total, T, max_rel_pos, use_rope = case
+    module = build(cls, d, n, total, relative, max_rel_pos)
+    x, symbols = inputs(2, T, d, relative, max_rel_pos, torch.Generator().manual_seed(2))
+    rope = tuple(t[:T].double() for t in rope_tables(d // total, T)) if use_rope else None
+    fast = module(x, symbols, rope)
+    plain = PLAIN_FORWARDS[cls](module, x, symbols, rope)
+    assert fast.shape == (2, T, n * (d // total))
+    assert torch.allclose(fast, plain, rtol=0, atol=1e-10)
+    assert plain.abs().max() > 1e-3  # the comparison is not between two zeros
+    for g_fast, g_plain in zip(grads(module, x, symbols, fast), grads(module, x, symbols, plain)):
+        assert torch.allclose(g_fast, g_plain, rtol=0, atol=1e-10)
+
+
+def test_symmetric_relations_share_one_map():
+    module = build(RelationalAttention, 32, 4, 4, False, 8, symmetric_rels=True)
+    assert module.wk_rel is module.wq_rel
+    x, symbols = inputs(2, 8, 32, False, 8, torch.Generator().manual_seed(3))
+    assert torch.allclose(module(x, symbols), PLAIN_FORWARDS[RelationalAttention](module, x, symbols),
+                          rtol=0, atol=1e-10)
+
+
+def test_relation_width_can_differ_from_head_width():
+    """The paper-era RA uses d_r = d // ra relations: 30 // 4 = 7 here, with head width 3."""
+    module = build(RelationalAttention, 30, 4, 10, False, 8, rel_dim=7)
+    assert module.wq_rel.weight.shape == (4 * 7, 30)
+    x, symbols = inputs(2, 6, 30, False, 8, torch.Generator().manual_seed(4))
+    assert torch.allclose(module(x, symbols), PLAIN_FORWARDS[RelationalAttention](module, x, symbols),
+                          rtol=0, atol=1e-10)
+
+
+def test_use_plain_attention_swaps_and_restores():
+    module = build(RelationalCrossAttention, 16, 2, 2, False, 4)
+    x, symbols = inputs(1, 5, 16, False, 4, torch.Generator().manual_seed(5))
+    fast_forward = RelationalCrossAttention.forward
+    with use_plain_attention():
+        assert RelationalCrossAttention.forward is PLAIN_FORWARDS[RelationalCrossAttention]
+        plain = module(x, symbols)
+    assert RelationalCrossAttention.forward is fast_forward
+    assert torch.allclose(module(x, symbols), plain, rtol=0, atol=1e-10)
+
+
+def test_skew_reindexes_by_offset():
+    w = torch.arange(16.0).view(4, 4).tril()
+    skewed = skew_causal(w)
+    for i in range(4):
+        for k in range(4):
+            j = i + k - 3
+            assert skewed[i, k] == (w[i, j] if j >= 0 else 0)
+
+
+def test_rope_rotates_consecutive_pairs():
+    cos, sin = rope_tables(4, 3)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4).expand(1, 1, 3, 4)
+    out = apply_rope(x, (cos, sin))
+    angle = torch.tensor(2.0)  # position 2, first pair: theta_0 = 1
+    assert torch.allclose(out[0, 0, 2, :2], torch.stack([1 * angle.cos() - 2 * angle.sin(),
+                                                         1 * angle.sin() + 2 * angle.cos()]))
+    assert torch.allclose(out[0, 0, 0], x[0, 0, 0])  # position 0 is not rotated
+    assert torch.allclose(out.norm(dim=-1), x.norm(dim=-1))
+
+
+def test_dual_attention_concatenates_self_attention_first():
+    dual = DualAttention(24, 1, 2, dropout=0.0, ra_type="rca").double().eval()
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    symbols = torch.randn(2, 5, 24, dtype=torch.float64)
+    out = dual(x, symbols)
+    assert out.shape == (2, 5, 24)
+    assert torch.equal(out[..., :8], dual.self_attention(x))
+    assert torch.equal(out[..., 8:], dual.relational_attention(x, symbols))
+
+
+def test_dual_attention_without_self_attention_heads():
+    dual = DualAttention(24, 0, 3, dropout=0.0)
+    assert dual.self_attention is None
+    assert dual(torch.randn(1, 4, 24), torch.randn(1, 4, 24)).shape == (1, 4, 24)
+
+
+def test_unknown_relational_type_is_rejected():
+    with pytest.raises(ValueError, match="unknown ra_type"):
+        DualAttention(24, 1, 2, dropout=0.0, ra_type="nonsense")

@@ -1,0 +1,330 @@
+"""model.py: parity with the authors' implementation (HEAD and paper era), causality, generation, errors,
+initialisation, FLOP counts, checkpoint loading, and the paper-era parameter counts."""
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as M
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+PAPER_LOGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "paper_logs" / "tiny_stories_run_histories.csv"
+PARITY = sorted((FIXTURES / "parity").glob("*.pt"))
+PARITY_PAPER = sorted((FIXTURES / "parity_paper").glob("*.pt"))
+
+
+def load_fixture(path):
+    return torch.load(path, weights_only=False)
+
+
+def flags_of(fixture):
+    cli = dict(fixture["cli"])
+    return dict(cli, vocab_size=cli.pop("vocab"), max_seq_len=cli.pop("block"))
+
+
+# -----------------------------------------------------------------------------
+# parity with the authors' outputs
+
+@pytest.mark.parametrize("path,arch", [(p, "current") for p in PARITY] + [(p, "paper") for p in PARITY_PAPER],
+                         ids=[p.stem for p in PARITY] + [f"paper-{p.stem}" for p in PARITY_PAPER])
+def test_parity_fixture(path, arch):
+    fixture = load_fixture(path)
+    model = M.from_reference(fixture["kind"], fixture["model_args"], fixture["state_dict"], arch=arch)
+    assert not model.training
+    logits, loss = model(fixture["idx"], fixture["targets"])
+    assert logits.shape == fixture["logits"].shape
+    assert (logits - fixture["logits"]).abs().max().item() <= 1e-4
+    assert abs(loss.item() - float(fixture["loss"])) <= 1e-4
+    assert sum(p.numel() for p in model.parameters()) == fixture["n_params"]
+
+
+@pytest.mark.parametrize("path,arch", [(p, "current") for p in PARITY] + [(p, "paper") for p in PARITY_PAPER],
+                         ids=[p.stem for p in PARITY] + [f"paper-{p.stem}" for p in PARITY_PAPER])
+def test_flags_map_to_the_reference_constructor(path, arch):
+    fixture = load_fixture(path)
+    kind, args = M.model_args_from_flags(flags_of(fixture), arch=arch)
+    assert kind == fixture["kind"]
+    assert args == fixture["model_args"]
+
+
+def test_parity_holds_for_a_prefix():
+    """A sequence shorter than the block: logits equal the fixture's first positions."""
+    fixture = load_fixture(FIXTURES / "parity" / "ra_posrel_rope.pt")
+    model = M.from_reference(fixture["kind"], fixture["model_args"], fixture["state_dict"])
+    logits, _ = model(fixture["idx"][:, :17])
+    assert (logits - fixture["logits"][:, :17]).abs().max().item() <= 1e-4
+
+
+def test_reference_state_dict_with_wrong_shapes_is_refused():
+    fixture = load_fixture(FIXTURES / "parity" / "tf_rope.pt")
+    args = dict(fixture["model_args"], d_model=32, n_heads=2)
+    with pytest.raises(ValueError, match="does not fit"):
+        M.from_reference(fixture["kind"], args, fixture["state_dict"])
+
+
+def test_checkpoints_of_either_arch_load_with_inferred_kind():
+    for path, arch in ((FIXTURES / "parity" / "disrca_symattn_rope.pt", "current"),
+                       (FIXTURES / "parity_paper" / "ra_posrel_rope.pt", "paper"),
+                       (FIXTURES / "parity_paper" / "tf_rope.pt", "paper")):
+        fixture = load_fixture(path)
+        state = {f"_orig_mod.{k}": v for k, v in fixture["state_dict"].items()}
+        ckpt = dict(model=state, model_args=fixture["model_args"])
+        assert M.checkpoint_kind_and_arch(ckpt) == (fixture["kind"], arch)
+        logits, _ = M.model_from_checkpoint(ckpt)(fixture["idx"])
+        assert (logits - fixture["logits"]).abs().max().item() <= 1e-4
+
+
+# -----------------------------------------------------------------------------
+# every attention and symbol type
+
+def small_flags(**overrides):
+    flags = dict(sa=2, ra=2, d_model=32, n_layers=2, symbol_type="symbolic_attention", pos_enc_type="RoPE",
+                 ra_type="relational_attention", max_seq_len=16, vocab_size=50, dropout_rate=0.0)
+    return dict(flags, **overrides)
+
+
+VARIANTS = [dict(ra=0, sa=4)] + [
+    dict(ra_type=ra_type, symbol_type=symbol_type, pos_enc_type=pos)
+    for ra_type in ("relational_attention", "rca", "disrca")
+    for symbol_type in ("symbolic_attention", "position_relative")
+    for pos in ("RoPE", "pos_emb")
+] + [dict(sa=0, ra=4), dict(symmetric_rels=1), dict(norm_first=0), dict(activation="relu", dff=24)]
+
+
+def build(flags, arch="current"):
+    kind, args = M.model_args_from_flags(flags, arch=arch)
+    return M.from_reference(kind, args, arch=arch)
+
+
+@pytest.mark.parametrize("arch", ["current", "paper"])
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_causal(overrides, arch):
+    """Changing token t never changes the logits before t."""
+    torch.manual_seed(0)
+    model = build(small_flags(**overrides), arch)
+    idx = torch.randint(0, 50, (2, 12))
+    changed = idx.clone()
+    changed[:, 7] = (idx[:, 7] + 1) % 50
+    before, _ = model(idx)
+    after, _ = model(changed)
+    assert torch.equal(before[:, :7], after[:, :7])
+    assert not torch.allclose(before[:, 7:], after[:, 7:])
+
+
+def test_backward_reaches_every_trainable_parameter():
+    torch.manual_seed(0)
+    for overrides in VARIANTS:
+        model = build(small_flags(**overrides)).train()
+        idx = torch.randint(0, 50, (2, 10))
+        _, loss = model(idx, idx)
+        loss.backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, (overrides, name)
+
+
+def test_loss_ignores_targets_of_minus_one():
+    torch.manual_seed(0)
+    model = build(small_flags())
+    idx = torch.randint(0, 50, (2, 10))
+    targets = idx.clone()
+    targets[:, 5:] = -1
+    logits, loss = model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits[:, :5].reshape(-1, 50), idx[:, :5].reshape(-1))
+    assert torch.allclose(loss, expected)
+
+
+def test_frozen_symbols_freeze_only_the_library():
+    model = build(small_flags(trainable_symbols=0))
+    retriever = model.layers.symbol_retrievers[0]
+    assert not retriever.symbol_library.requires_grad
+    assert retriever.template_features.requires_grad and retriever.q_proj.weight.requires_grad
+
+
+def test_retriever_is_shared_by_all_layers():
+    model = build(small_flags(n_layers=3))
+    retrievers = model.layers.symbol_retrievers
+    assert retrievers[0] is retrievers[1] is retrievers[2]
+    assert len(model.state_dict()) > len(dict(model.named_parameters()))  # repeated per layer, counted once
+
+
+def test_explicit_dff_sets_the_feed_forward_width():
+    for activation in ("swiglu", "gelu"):
+        model = build(small_flags(activation=activation, dff=40))
+        assert model.layers.blocks[0].ff_block.linear1.weight.shape == (40, 32)
+    assert build(small_flags()).layers.blocks[0].ff_block.linear1.weight.shape == (int(2 / 3 * 4 * 32), 32)
+    assert build(small_flags(), "paper").layers.blocks[0].ff_block.linear1.weight.shape == (128, 32)
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+@pytest.mark.parametrize("top_k", [None, 1, 5])
+def test_generate(top_k):
+    torch.manual_seed(0)
+    model = build(small_flags()).train()
+    prompt = torch.randint(0, 50, (2, 3))
+    out = model.generate(prompt, max_new_tokens=20, top_k=top_k)  # runs past the block size of 16
+    assert out.shape == (2, 23)
+    assert torch.equal(out[:, :3], prompt)
+    assert model.training  # the mode is restored
+    if top_k == 1:  # greedy: each token is the argmax given the (cropped) context
+        model.eval()
+        for t in range(3, 23):
+            logits, _ = model(out[:, max(0, t - 16):t])
+            assert torch.equal(out[:, t], logits[:, -1].argmax(-1))
+
+
+# -----------------------------------------------------------------------------
+# errors
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(d_model=30, sa=2, ra=2), "divisible by the number of heads"),
+    (dict(activation="mish"), "unknown activation"),
+    (dict(d_model=30, sa=3, ra=3, symbol_type="position_relative"), "even head width"),
+    (dict(d_model=18, sa=1, ra=1, pos_enc_type="pos_emb"), "divisible by its 4 heads"),
+    (dict(symbol_type="NA"), "--symbol_type"),
+    (dict(ra_type="NA"), "--ra_type"),
+    (dict(pos_enc_type="alibi"), "pos_enc_type"),
+])
+def test_invalid_configurations_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build(small_flags(**overrides))
+
+
+def test_sequence_longer_than_the_block_is_refused():
+    model = build(small_flags())
+    with pytest.raises(ValueError, match="exceeds the block size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+# -----------------------------------------------------------------------------
+# initialisation
+
+def test_reference_initialisation():
+    torch.manual_seed(0)
+    model = build(dict(small_flags(d_model=128, n_layers=4, max_seq_len=64, vocab_size=1000), sa=4, ra=4))
+    blocks = model.layers.blocks
+    assert model.layers.final_out.weight is model.layers.token_embedder.weight
+    assert abs(model.layers.token_embedder.weight.std().item() - 0.02) < 0.002
+    assert abs(blocks[0].dual_attn.relational_attention.wq_attn.weight.std().item() - 0.02) < 0.002
+    assert abs(blocks[0].dual_attn.relational_attention.wr.std().item() - 0.02) < 0.004
+    residual = 0.02 / math.sqrt(2 * 4)
+    assert abs(blocks[1].dual_attn.self_attention.wo.weight.std().item() - residual) < 0.001
+    assert abs(blocks[1].ff_block.linear3.weight.std().item() - residual) < 0.001  # swiglu: W3, as the reference
+    assert abs(blocks[1].ff_block.linear2.weight.std().item() - 0.02) < 0.002
+    assert blocks[0].ff_block.linear1.bias.abs().max() == 0
+    retriever = model.layers.symbol_retrievers[0]
+    assert abs(retriever.symbol_library.std().item() - 1.0) < 0.05
+    assert abs(retriever.q_proj.weight.std().item() - 0.02) < 0.002 and retriever.q_proj.bias.abs().max() == 0
+
+
+def test_paper_initialisation_is_pytorch_default():
+    torch.manual_seed(0)
+    model = build(dict(small_flags(d_model=128, n_layers=2, max_seq_len=64, vocab_size=1000), sa=4, ra=4), "paper")
+    assert "norm" not in model.layers
+    out = model.layers.final_out
+    assert out.weight is not model.layers.token_embedder.weight and out.bias is not None
+    assert abs(model.layers.token_embedder.weight.std().item() - 1.0) < 0.05
+    assert out.weight.abs().max() <= 128 ** -0.5
+    wr = model.layers.blocks[0].dual_attn.relational_attention.wr
+    assert wr.abs().max() <= 0.5 and wr.std() > 0.2  # U(+-1/sqrt(n_r)), n_r = 4
+    q_proj = model.layers.symbol_retrievers[0].q_proj
+    assert q_proj.bias.abs().max() > 0  # the Linear default, not zeroed
+
+
+def test_paper_relations_use_d_over_ra():
+    model = build(dict(small_flags(d_model=80, max_seq_len=16), sa=2, ra=3, pos_enc_type="pos_emb"), "paper")
+    ra = model.layers.blocks[0].dual_attn.relational_attention
+    assert (ra.n_relations, ra.rel_dim) == (3, 26)
+    assert ra.wq_rel.weight.shape == (78, 80)
+
+
+def test_paper_gelu_is_exact():
+    current = build(small_flags(activation="gelu")).layers.blocks[0].ff_block.act
+    paper = build(small_flags(activation="gelu"), "paper").layers.blocks[0].ff_block.act
+    assert current.approximate == "tanh" and paper.approximate == "none"
+
+
+# -----------------------------------------------------------------------------
+# FLOPs
+
+def test_transformer_flops_follow_the_palm_formula():
+    model = build(dict(small_flags(ra=0, sa=4), vocab_size=100))
+    N = model.num_params(non_embedding=True)  # tied: the embedding is the output layer
+    N -= sum(p.numel() for n, p in model.named_parameters() if "norm" in n or n.endswith("bias"))
+    L, d, T = 2, 32, 16
+    assert model.flops_per_token() == 6 * N + 12 * L * d * T
+
+
+def test_dat_flops_count_the_relational_products():
+    T, d, L, V = 16, 32, 2, 100
+    transformer = build(dict(small_flags(ra=0, sa=4), vocab_size=V))
+    dat = build(dict(small_flags(), vocab_size=V))
+    blocks_linear = sum(M.linear_flops(b) for b in dat.layers.blocks)
+    retriever = dat.layers.symbol_retrievers[0]
+    # per layer: 2 SA heads and 2 RA heads of width 8 (4T h each), 2 relations of width 8 over T keys,
+    # their aggregation per head (2 T n_r), and W_r; the retriever: q_proj and 2 x 2 n_s d
+    per_layer = 4 * T * 2 * 8 + 4 * T * 2 * 8 + 2 * T * 2 * 8 + 2 * T * 2 * 2 + 2 * (2 * 8 * 2)
+    retriever_flops = M.linear_flops(retriever) + 4 * 16 * d
+    expected = 3 * (2 * d * V + blocks_linear + L * per_layer + L * retriever_flops)
+    assert dat.flops_per_token() == expected
+    assert dat.flops_per_token() > transformer.flops_per_token()
+    assert dat.estimate_mfu(1e6, 1e12) == pytest.approx(dat.flops_per_token() * 1e6 / 1e12)
+
+
+def test_position_relative_flops_do_not_apply_wv_per_token():
+    dat = build(small_flags(symbol_type="position_relative"))
+    symbolic = build(small_flags())
+    ra = dat.layers.blocks[0].dual_attn.relational_attention
+    table_rows = 2 * 16 + 1
+    per_token_wv = M.linear_flops(ra.wv)
+    difference = (symbolic.flops_per_token() - dat.flops_per_token()) // 3
+    retriever = symbolic.layers.symbol_retrievers[0]
+    symbolic_retriever = 2 * (M.linear_flops(retriever) + 4 * retriever.symbol_library.numel())
+    table_projection = 2 * ra.wv.weight.numel() * table_rows * 2 // 16
+    assert difference == 2 * per_token_wv + symbolic_retriever - table_projection
+
+
+# -----------------------------------------------------------------------------
+# the paper-era parameter counts, against the authors' logged runs
+
+PAPER_RA_TYPES = {"disentangled_v2": "relational_attention", "standard": "rca", "disentangled_v1": "disrca"}
+PAPER_SYMBOLS = {"sym_attn": "symbolic_attention", "pos_relative": "position_relative"}
+
+
+def logged_configurations():
+    """One (flags, n_params, n_params_wo_embedding, run name) per distinct configuration of the logs."""
+    configs = {}
+    with open(PAPER_LOGS, newline="") as f:
+        for row in csv.DictReader(f):
+            flags = dict(sa=int(row["sa"]), ra=int(row["rca"]), d_model=int(row["d_model"]),
+                         n_layers=int(row["n_layers"]), symbol_type=PAPER_SYMBOLS.get(row["symbol_type"], "NA"),
+                         ra_type=PAPER_RA_TYPES.get(row["rca_type"], "NA"),
+                         symmetric_rels=int(row["symmetric_rels"] == "True"),
+                         trainable_symbols=int(row["trainable_symbols"] != "False"),
+                         max_seq_len=int(row["max_seq_len"]), activation=row["activation"],
+                         pos_enc_type=row["pos_enc_type"], norm_first=int(row["norm_first"] == "True"),
+                         vocab_size=int(row["vocab_size"]))
+            configs[tuple(sorted(flags.items()))] = (flags, int(row["n_params"]),
+                                                     int(row["n_params_wo_embedding"]), row["name"])
+    return list(configs.values())
+
+
+@pytest.mark.skipif(not PAPER_LOGS.exists(), reason=f"the authors' run logs are not at {PAPER_LOGS}")
+def test_paper_parameter_counts_equal_the_logged_runs():
+    """Every configuration of the paper's table (d <= 128) matches; of the exploratory runs, only the
+    d=512 Transformer of 2024-05-02 differs (PAPER_ARCH.md §0: a bug of that day's code)."""
+    mismatches, table_rows = [], 0
+    for flags, n_params, n_params_wo_embedding, name in logged_configurations():
+        with torch.device("meta"):
+            model = build(flags, "paper")
+        V, d = flags["vocab_size"], flags["d_model"]
+        counts = (model.num_params(), model.num_params() - (2 * V * d + V))
+        if counts != (n_params, n_params_wo_embedding):
+            mismatches.append(name)
+        table_rows += d <= 128
+    assert table_rows >= 37
+    assert len(mismatches) == 1 and mismatches[0].startswith("sa=8; d=512; L=8;"), mismatches
