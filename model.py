@@ -19,6 +19,11 @@ from torch import nn
 from attention import Attention, DualAttention, rope_tables
 
 
+def linear_cross_entropy(x, weight, bias, targets):
+    """Mean cross-entropy of the logits x W^T + b against targets (ignore_index -1)."""
+    return F.cross_entropy(F.linear(x, weight, bias).float(), targets, ignore_index=-1)
+
+
 # -----------------------------------------------------------------------------
 # the two architectures: every difference between them is listed here
 
@@ -156,8 +161,9 @@ class SymbolicAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, n, T, d/n)
         keys = self.template_features.view(-1, self.n_heads, d // self.n_heads).transpose(0, 1)  # (n, n_s, d/n)
         values = self.symbol_library.view(-1, self.n_heads, d // self.n_heads).transpose(0, 1)
-        weights = (q @ keys.transpose(-2, -1) * (d // self.n_heads) ** -0.5).softmax(dim=-1)  # (B, n, T, n_s)
-        return (weights @ values).transpose(1, 2).reshape(B, T, d)
+        keys, values = (t.to(q.dtype).expand(B, -1, -1, -1) for t in (keys, values))
+        symbols = F.scaled_dot_product_attention(q, keys, values)  # (B, n, T, d/n)
+        return symbols.transpose(1, 2).reshape(B, T, d)
 
 
 class RelativePositionalEncoding(nn.Module):
@@ -266,9 +272,15 @@ class LanguageModel(nn.Module):
             x = self.layers.norm(x)
         return x
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) -> logits (B, T, V), and the mean cross-entropy against targets (ignore_index -1)."""
-        logits = self.layers.final_out(self.hidden_states(idx))
+    def forward(self, idx, targets=None, return_logits=True):
+        """idx (B, T) -> logits (B, T, V), and the mean cross-entropy against targets (ignore_index -1).
+
+        return_logits=False (training) returns (None, loss) and lets the loss skip the (B, T, V) logits."""
+        x = self.hidden_states(idx)
+        out = self.layers.final_out
+        if targets is not None and not return_logits:
+            return None, linear_cross_entropy(x.flatten(0, 1), out.weight, out.bias, targets.flatten())
+        logits = out(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)

@@ -4,6 +4,7 @@ in float64: outputs and gradients to 1e-10."""
 import pytest
 import torch
 
+import attention
 from attention import (DisentangledRelationalCrossAttention, DualAttention, RelationalAttention,
                        RelationalCrossAttention, apply_rope, rope_tables, skew_causal)
 from plain_attention import PLAIN_FORWARDS, use_plain_attention
@@ -43,6 +44,7 @@ CASES = [  # (d, n heads here, total heads, T, max_rel_pos, use_rope)
     (24, 3, 4, 7, 16, False),  # T shorter than the table
     (30, 1, 5, 12, 4, True),   # offsets clipped to +-M, odd head counts
     (16, 4, 4, 1, 2, False),   # a single position
+    (36, 1, 2, 6, 8, True),    # head width 18: DisRCA builds rho (h*h > OUTER_MAX)
 ]
 
 
@@ -59,6 +61,19 @@ def test_fast_equals_plain(cls, relative, case):
     assert fast.shape == (2, T, n * (d // total))
     assert torch.allclose(fast, plain, rtol=0, atol=1e-10)
     assert plain.abs().max() > 1e-3  # the comparison is not between two zeros
+    for g_fast, g_plain in zip(grads(module, x, symbols, fast), grads(module, x, symbols, plain)):
+        assert torch.allclose(g_fast, g_plain, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", RELATIONAL, ids=lambda c: c.__name__)
+def test_wide_values_materialise_the_probabilities(cls, monkeypatch):
+    """Past SDPA_MAX_VALUE_WIDTH the attention probabilities are built explicitly: same result."""
+    monkeypatch.setattr(attention, "SDPA_MAX_VALUE_WIDTH", 0)
+    module = build(cls, 32, 2, 4, False, 9)
+    x, symbols = inputs(2, 9, 32, False, 9, torch.Generator().manual_seed(6))
+    fast = module(x, symbols)
+    plain = PLAIN_FORWARDS[cls](module, x, symbols)
+    assert torch.allclose(fast, plain, rtol=0, atol=1e-10)
     for g_fast, g_plain in zip(grads(module, x, symbols, fast), grads(module, x, symbols, plain)):
         assert torch.allclose(g_fast, g_plain, rtol=0, atol=1e-10)
 
