@@ -1,0 +1,704 @@
+"""
+TinyStories data pipeline: download, pretokenize, train_vocab, and the training batch loader.
+
+    python tiny_stories_data.py download                    # data/TinyStories_all_data/*.json + tokenizer.model
+    python tiny_stories_data.py pretokenize                 # uint16 .bin next to every shard (Llama 2 tokenizer)
+    python tiny_stories_data.py train_vocab --vocab_size 4096   # optional: data/tok4096.model
+    python tiny_stories_data.py pretokenize --vocab_size 4096   # then data/tok4096/*.bin
+
+Inherited from llama2.c's tinystories.py, made safe for a flaky connection: downloads resume (HTTP Range into
+a .part file), archives are verified before they are unpacked, every output appears atomically, and bad input
+stops with a one-line error. Shard 0 is the validation split, all other shards are training data.
+"""
+
+import argparse
+import glob
+import gzip
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import warnings
+import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import PurePosixPath
+
+import numpy as np
+import requests
+import sentencepiece as spm
+import torch
+from tqdm import tqdm
+
+DATA_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
+TOKENIZER_URL = "https://raw.githubusercontent.com/karpathy/llama2.c/master/tokenizer.model"
+TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"  # Llama 2 tokenizer.model
+TOKENIZER_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer.model")
+SHARD_DIR = "TinyStories_all_data"  # <data_dir>/TinyStories_all_data/data00.json ...
+END_OF_TEXT = "<|endoftext|>"  # story separator of the TinyStories .txt exports
+MAX_UINT16_VOCAB = 65535
+ENCODE_BATCH = 1024  # stories per SentencePiece call in pretokenize
+DOWNLOAD_CHUNK = 1 << 16  # bytes per write; a dropped connection loses at most the chunk in flight
+
+
+class DataError(Exception):
+    """Bad input or a failed stage: main() prints it as a single `error: ...` line."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A file or directory an earlier stage should have created is missing."""
+
+
+def command(stage, vocab_size=0, data_dir="data"):
+    """The command line that runs `stage` with these settings, for error messages."""
+    cmd = f"python tiny_stories_data.py {stage}"
+    if vocab_size:
+        cmd += f" --vocab_size {vocab_size}"
+    if os.path.normpath(data_dir) != "data":
+        cmd += f" --data_dir {data_dir}"
+    return f"`{cmd}`"
+
+
+def tokenizer_path(vocab_size=0, data_dir="data"):
+    """Path of the SentencePiece model: the Llama 2 model for vocab_size 0, else <data_dir>/tok{N}.model."""
+    return TOKENIZER_MODEL if vocab_size == 0 else os.path.join(data_dir, f"tok{vocab_size}.model")
+
+
+def bin_dir(vocab_size=0, data_dir="data"):
+    """Directory of the pretokenized .bin shards: next to the JSON shards for vocab_size 0, else <data_dir>/tok{N}."""
+    return os.path.join(data_dir, SHARD_DIR) if vocab_size == 0 else os.path.join(data_dir, f"tok{vocab_size}")
+
+
+def check_uint16(vocab_size):
+    """Refuse a vocabulary whose ids do not fit the uint16 shards."""
+    if vocab_size > MAX_UINT16_VOCAB:
+        raise DataError(f"a vocabulary of {vocab_size:,} tokens does not fit uint16 shards "
+                        f"(at most {MAX_UINT16_VOCAB:,})")
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+class Tokenizer:
+    """Thin SentencePiece wrapper (llama2.c's tokenizer.py)."""
+
+    def __init__(self, model_path):
+        if not os.path.isfile(model_path):
+            m = re.fullmatch(r"tok(\d+)\.model", os.path.basename(model_path))
+            fix = (command("train_vocab", int(m.group(1)), os.path.dirname(model_path) or ".") if m
+                   else command("download"))
+            raise MissingDataError(f"tokenizer model {model_path} not found: run {fix}")
+        try:
+            self.sp_model = spm.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as e:
+            raise DataError(f"{model_path} is not a SentencePiece model ({e})") from None
+        self.model_path = model_path
+        self.n_words = self.sp_model.vocab_size()
+        self.bos_id = self.sp_model.bos_id()
+        self.eos_id = self.sp_model.eos_id()
+        self.pad_id = self.sp_model.pad_id()
+
+    def encode(self, s, bos=True, eos=False):
+        """Token ids of one string, optionally framed by BOS/EOS."""
+        assert isinstance(s, str)
+        return self.sp_model.encode(s, add_bos=bos, add_eos=eos)
+
+    def encode_batch(self, texts, bos=True, eos=False):
+        """Token ids of a list of strings in one SentencePiece call (no per-string Python call)."""
+        return self.sp_model.encode(list(texts), add_bos=bos, add_eos=eos, num_threads=1)
+
+    def decode(self, ids):
+        """Text of a sequence of ids (list, numpy array or 1-D tensor)."""
+        return self.sp_model.decode([int(i) for i in ids])
+
+
+# -----------------------------------------------------------------------------
+# files written atomically
+
+def _umask():
+    """The process umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path, data):
+    """Write bytes to `path` through a temporary file in the same directory and os.replace."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def json_shards(shard_dir):
+    """Sorted paths of the .json shards in shard_dir (empty if it does not exist)."""
+    return sorted(glob.glob(os.path.join(shard_dir, "*.json")))
+
+
+def temp_dir_for(target):
+    """A new hidden temporary directory next to `target`, with the usual permissions, to be renamed into place."""
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=os.path.dirname(target) or ".")
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def publish_dir(tmp, target):
+    """Atomically move a fully written temporary directory to `target` (which must be absent or empty)."""
+    if os.path.isdir(target) and not os.listdir(target):
+        os.rmdir(target)
+    if os.path.exists(target):
+        raise DataError(f"{target} exists but holds no .json shards: remove it and run the command again")
+    os.replace(tmp, target)
+
+
+# -----------------------------------------------------------------------------
+# download
+
+def _content_range(header):
+    """(start, total) from a Content-Range header such as 'bytes 100-999/1000' or 'bytes */1000'."""
+    m = re.fullmatch(r"bytes (?:(\d+)-\d+|\*)/(\d+|\*)", (header or "").strip())
+    if not m:
+        return None, None
+    return (int(m.group(1)) if m.group(1) else None), (int(m.group(2)) if m.group(2) != "*" else None)
+
+
+def _transfer(url, part, timeout, desc):
+    """One HTTP request that appends the rest of `url` to `part`. True when the file is complete."""
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    headers = {"Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+        if r.status_code == 416:  # nothing left to send: complete if the server's size is what we have
+            _, total = _content_range(r.headers.get("Content-Range"))
+            if total == have:
+                return True
+            os.remove(part)
+            return False
+        if r.status_code >= 500:
+            r.raise_for_status()  # a RequestException: retried
+        if r.status_code not in (200, 206):
+            raise DataError(f"{url}: HTTP {r.status_code} {r.reason}")
+        if r.status_code == 206:
+            start, total = _content_range(r.headers.get("Content-Range"))
+            if start != have:
+                raise DataError(f"{url}: server resumed at byte {start}, expected {have}")
+        else:  # a full response, either a fresh transfer or a server that ignores Range
+            have, total = 0, int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
+        with open(part, "ab" if have else "wb") as f, \
+                tqdm(desc=desc, total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024) as bar:
+            for chunk in r.iter_content(chunk_size=DOWNLOAD_CHUNK):
+                f.write(chunk)
+                bar.update(len(chunk))
+    size = os.path.getsize(part)
+    if total is not None and size > total:
+        os.remove(part)
+        raise DataError(f"{url}: received {size:,} bytes, more than the announced {total:,}")
+    return total is None or size == total
+
+
+def download_file(url, dest, verify=None, timeout=30.0, retries=5, backoff=2.0):
+    """
+    Download `url` to `dest`, resumably: bytes stream into `dest.part`; after a dropped connection the transfer
+    continues with an HTTP Range request (within this call up to `retries` times, and in the next call).
+    The length is checked against Content-Length / Content-Range, then `verify(part)` (which raises DataError)
+    runs, and only then does `dest` appear, through os.replace. A part that fails verification is deleted.
+    """
+    part = dest + ".part"
+    name = os.path.basename(dest)
+    for attempt in range(retries + 1):
+        try:
+            if _transfer(url, part, timeout, desc=name):
+                break
+            why = "the connection closed before the end of the file"
+        except requests.RequestException as e:
+            why = f"{type(e).__name__}: {e}"
+        if attempt == retries:
+            kept = os.path.getsize(part) if os.path.exists(part) else 0
+            raise DataError(f"downloading {url} failed after {retries + 1} attempt(s) ({why}); "
+                            f"{kept:,} bytes kept in {part}: run the command again to resume")
+        time.sleep(backoff * 2 ** attempt)
+    if verify is not None:
+        try:
+            verify(part)
+        except DataError:
+            os.remove(part)
+            raise
+    os.replace(part, dest)
+
+
+def check_sha256(path, expected):
+    """Raise DataError unless the file's sha256 is `expected` (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != expected.lower():
+        raise DataError(f"sha256 of {path} is {h.hexdigest()}, expected {expected}: wrong or corrupted file")
+
+
+def fetch_tokenizer(dest=TOKENIZER_MODEL, url=TOKENIZER_URL, sha256=TOKENIZER_SHA256, timeout=30.0, retries=5,
+                    backoff=2.0):
+    """Download the tokenizer model to `dest` unless it is there, checking its sha256 before it appears."""
+    if os.path.exists(dest):
+        print(f"{dest} already present")
+        return
+    print(f"Downloading {url} to {dest}...")
+    download_file(url, dest, verify=lambda p: check_sha256(p, sha256), timeout=timeout, retries=retries,
+                  backoff=backoff)
+
+
+def _unsafe(member):
+    """Why an archive member must not be unpacked, or None if it is a plain file or directory inside the target."""
+    name = member.name
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name):
+        return "absolute path"
+    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        return "path with '..'"
+    if not (member.isfile() or member.isdir()):
+        return "link" if member.issym() or member.islnk() else "device or special file"
+    return None
+
+
+def check_archive(path):
+    """Read a whole .tar.gz (tar headers, member data, gzip CRC and length); raise DataError on corruption or an
+    unsafe member (absolute path, '..', link, device) or when it holds no .json file."""
+    n_json = 0
+    try:
+        with gzip.open(path, "rb") as gz, tarfile.open(fileobj=gz, mode="r|") as tf:
+            for member in tqdm(tf, desc=f"verifying {os.path.basename(path)}", unit=" files"):
+                why = _unsafe(member)
+                if why:
+                    raise DataError(f"{path}: unsafe archive member {member.name!r} ({why}); refusing to unpack")
+                n_json += member.isfile() and member.name.endswith(".json")
+            for rest in iter(lambda: gz.read(1 << 20), b""):  # to the end: gzip checks its CRC and length
+                if rest.strip(b"\0"):
+                    raise DataError(f"{path}: data after the end of the tar archive (a damaged tar header?)")
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as e:
+        raise DataError(f"{path} is not a valid .tar.gz, truncated or corrupted ({e})") from None
+    if n_json == 0:
+        raise DataError(f"{path} holds no .json shards")
+
+
+def unpack_archive(path, shard_dir):
+    """Verify the archive, then extract it into a temporary directory next to shard_dir and rename that into place.
+    Only plain files and directories are written, each checked to stay inside the target."""
+    check_archive(path)
+    tmp = temp_dir_for(shard_dir)
+    try:
+        with tarfile.open(path, "r:gz") as tf:
+            for member in tqdm(tf, desc=f"unpacking {os.path.basename(path)}", unit=" files"):
+                why = _unsafe(member)
+                if why:
+                    raise DataError(f"{path}: unsafe archive member {member.name!r} ({why}); refusing to unpack")
+                out = os.path.join(tmp, member.name)
+                if member.isdir():
+                    os.makedirs(out, exist_ok=True)
+                    continue
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                with tf.extractfile(member) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        if not json_shards(tmp):
+            raise DataError(f"{path} has no .json shards at its top level")
+        publish_dir(tmp, shard_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def iter_txt_stories(path, chunk_chars=1 << 24):
+    """Stream the stripped, non-empty stories of a text file in which they are separated by <|endoftext|>."""
+    rest = ""
+    with open(path, encoding="utf-8") as f:
+        for chunk in iter(lambda: f.read(chunk_chars), ""):
+            *stories, rest = (rest + chunk).split(END_OF_TEXT)
+            yield from (s.strip() for s in stories if s.strip())
+    if rest.strip():
+        yield rest.strip()
+
+
+def split_txt(path, shard_dir, stories_per_shard=100_000):
+    """Turn a TinyStories .txt export into JSON shards data00.json, data01.json, ... of {"story": ...} records
+    (the format of TinyStories_all_data), written to a temporary directory that is renamed into place."""
+    if stories_per_shard < 1:
+        raise DataError("--stories_per_shard must be at least 1")
+    tmp = temp_dir_for(shard_dir)
+    try:
+        stories, parts = iter_txt_stories(path), []
+        with tqdm(desc=f"splitting {os.path.basename(path)}", unit=" stories") as bar:
+            while batch := list(itertools.islice(stories, stories_per_shard)):
+                parts.append(os.path.join(tmp, f"part{len(parts)}"))
+                write_atomic(parts[-1], json.dumps([{"story": s} for s in batch], ensure_ascii=False).encode())
+                bar.update(len(batch))
+        if not parts:
+            raise DataError(f"{path} holds no stories")
+        width = max(2, len(str(len(parts) - 1)))  # zero-padded names sort in shard order
+        for i, p in enumerate(parts):
+            os.replace(p, os.path.join(tmp, f"data{i:0{width}d}.json"))
+        publish_dir(tmp, shard_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_shards(src_dir, shard_dir):
+    """Copy a directory of .json shards into shard_dir through a temporary directory."""
+    shards = json_shards(src_dir)
+    if not shards:
+        raise MissingDataError(f"{src_dir} holds no .json shards")
+    tmp = temp_dir_for(shard_dir)
+    try:
+        for s in tqdm(shards, desc=f"copying {src_dir}", unit=" shards"):
+            shutil.copyfile(s, os.path.join(tmp, os.path.basename(s)))
+        publish_dir(tmp, shard_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def download(data_dir="data", source=DATA_URL, tokenizer_model=TOKENIZER_MODEL, tokenizer_url=TOKENIZER_URL,
+             tokenizer_sha256=TOKENIZER_SHA256, stories_per_shard=100_000, timeout=30.0, retries=5, backoff=2.0):
+    """
+    Fill <data_dir>/TinyStories_all_data/ with JSON shards from `source` (a URL, a local .tar.gz, a directory of
+    .json shards, or a .txt of stories separated by <|endoftext|>), then fetch tokenizer_model if it is missing.
+    A URL is downloaded (resumably) to <data_dir>/<its file name> first. Does nothing for what is already there.
+    """
+    shard_dir = os.path.join(data_dir, SHARD_DIR)
+    if json_shards(shard_dir):
+        print(f"{shard_dir} already holds {len(json_shards(shard_dir))} shards: nothing to download")
+    else:
+        os.makedirs(data_dir, exist_ok=True)
+        local, is_url = source, source.startswith(("http://", "https://"))
+        if is_url:
+            local = os.path.join(data_dir, os.path.basename(source.split("?")[0]) or "download")
+            if os.path.exists(local):
+                print(f"{local} already downloaded")
+            else:
+                print(f"Downloading {source} to {local}...")
+                download_file(source, local, timeout=timeout, retries=retries, backoff=backoff)
+        if os.path.isdir(local):
+            copy_shards(local, shard_dir)
+        elif not os.path.isfile(local):
+            raise MissingDataError(f"--source {source}: no such file or directory "
+                                   f"(expected a URL, a .tar.gz, a directory of .json shards or a .txt file)")
+        elif local.endswith(".txt"):
+            split_txt(local, shard_dir, stories_per_shard)
+        else:
+            try:
+                unpack_archive(local, shard_dir)
+            except DataError as e:
+                if not is_url:
+                    raise
+                os.remove(local)  # never keep a bad download: the next run fetches it anew
+                raise DataError(f"{e}; deleted the download, run the command again") from None
+    fetch_tokenizer(tokenizer_model, tokenizer_url, tokenizer_sha256, timeout=timeout, retries=retries,
+                    backoff=backoff)
+    shards = json_shards(shard_dir)
+    example = read_stories(shards[0])[:1]
+    print("Download done.")
+    print(f"Number of shards: {len(shards)}")
+    print(f"Example story:\n{example[0] if example else '(shard 0 is empty)'}")
+
+
+# -----------------------------------------------------------------------------
+# pretokenize
+
+def read_stories(shard):
+    """The stripped `story` of every record of a JSON shard; DataError if the shard is malformed."""
+    try:
+        with open(shard, encoding="utf-8") as f:
+            records = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{shard} is not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{shard} must hold a JSON list of {{\"story\": ...}} records")
+    for i, r in enumerate(records):
+        if not (isinstance(r, dict) and isinstance(r.get("story"), str)):
+            raise DataError(f"{shard}: record {i} has no 'story' field")
+    return [r["story"].strip() for r in records]
+
+
+def tokenize_shard(shard, out_path, enc):
+    """Encode every story of a shard (BOS prepended, no EOS) in batches and write uint16 tokens atomically.
+    Returns (n_stories, n_tokens)."""
+    stories = read_stories(shard)
+    chunks = []
+    for i in range(0, len(stories), ENCODE_BATCH):
+        ids = enc.encode_batch(stories[i:i + ENCODE_BATCH], bos=True, eos=False)
+        chunks.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint16, count=sum(map(len, ids))))
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint16)
+    write_atomic(out_path, tokens.tobytes())
+    return len(stories), tokens.size
+
+
+_worker_enc = None  # each pretokenize worker process loads the tokenizer once
+
+
+def _init_worker(model_path):
+    global _worker_enc
+    _worker_enc = Tokenizer(model_path)
+
+
+def _tokenize_in_worker(shard, out_path):
+    return tokenize_shard(shard, out_path, _worker_enc)
+
+
+def pretokenize(vocab_size=0, data_dir="data", workers=None, tokenizer_model=None):
+    """
+    Write one uint16 .bin per JSON shard: next to the shards for vocab_size 0 (Llama 2 tokenizer), else into
+    <data_dir>/tok{N}/. Shards are encoded in parallel by `workers` processes (default min(cpu_count, shards)).
+    `tokenizer_model` overrides the model file (default tokenizer_path(vocab_size, data_dir)).
+    Returns the total number of tokens.
+    """
+    check_uint16(vocab_size)
+    shard_dir = os.path.join(data_dir, SHARD_DIR)
+    shards = json_shards(shard_dir)
+    if not shards:
+        raise MissingDataError(f"no .json shards in {shard_dir}: run {command('download', 0, data_dir)} first")
+    model = tokenizer_model or tokenizer_path(vocab_size, data_dir)
+    check_uint16(Tokenizer(model).n_words)
+    out_dir = bin_dir(vocab_size, data_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    outs = [os.path.join(out_dir, os.path.basename(s)[:-len(".json")] + ".bin") for s in shards]
+    workers = workers or min(os.cpu_count() or 1, len(shards))
+    n_stories = n_tokens = 0
+    t0 = time.time()
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(model,)) as pool:
+        futures = [pool.submit(_tokenize_in_worker, s, o) for s, o in zip(shards, outs)]
+        try:
+            for fut in tqdm(as_completed(futures), total=len(futures), desc="pretokenize", unit=" shards"):
+                stories, tokens = fut.result()
+                n_stories, n_tokens = n_stories + stories, n_tokens + tokens
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    dt = time.time() - t0
+    print(f"Pretokenized {len(shards)} shards into {out_dir}: {n_stories:,} stories, {n_tokens:,} tokens "
+          f"(average {n_tokens / max(n_stories, 1):.1f} per story), {dt:.1f}s, {n_tokens / dt:,.0f} tokens/s")
+    return n_tokens
+
+
+# -----------------------------------------------------------------------------
+# custom vocabulary
+
+def train_vocab(vocab_size, data_dir="data", num_shards=10, keep_text=False):
+    """
+    Train a SentencePiece BPE model on the first `num_shards` shards (llama2.c's settings) and write
+    <data_dir>/tok{N}.model and .vocab atomically. The temporary text file <data_dir>/tiny.txt is deleted
+    unless keep_text.
+    """
+    if vocab_size <= 0:
+        raise DataError("--vocab_size must be positive for train_vocab")
+    check_uint16(vocab_size)
+    shard_dir = os.path.join(data_dir, SHARD_DIR)
+    shards = json_shards(shard_dir)[:num_shards]
+    if not shards:
+        raise MissingDataError(f"no .json shards in {shard_dir}: run {command('download', 0, data_dir)} first")
+    prefix = os.path.join(data_dir, f"tok{vocab_size}")
+    tmp_prefix = os.path.join(data_dir, f".tok{vocab_size}.tmp")
+    text_file = os.path.join(data_dir, "tiny.txt")
+    print(f"Writing {text_file} with {len(shards)} shards...")
+    try:
+        with open(text_file, "w", encoding="utf-8") as f:
+            for shard in tqdm(shards, unit=" shards"):
+                f.writelines(s + "\n" for s in read_stories(shard))
+        try:
+            spm.SentencePieceTrainer.train(
+                input=text_file, model_prefix=tmp_prefix, model_type="bpe", vocab_size=vocab_size,
+                self_test_sample_size=0, input_format="text", character_coverage=1.0, num_threads=os.cpu_count(),
+                split_digits=True, allow_whitespace_only_pieces=True, byte_fallback=True,
+                unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
+                input_sentence_size=200_000, shuffle_input_sentence=True)
+        except RuntimeError as e:
+            raise DataError(f"SentencePiece training failed: {str(e).strip().splitlines()[-1]}") from None
+        os.replace(tmp_prefix + ".vocab", prefix + ".vocab")
+        os.replace(tmp_prefix + ".model", prefix + ".model")
+    finally:
+        for p in (tmp_prefix + ".model", tmp_prefix + ".vocab") + (() if keep_text else (text_file,)):
+            if os.path.exists(p):
+                os.remove(p)
+    print(f"Trained {prefix}.model ({vocab_size} pieces)" + (f"; kept {text_file}" if keep_text else ""))
+
+
+# -----------------------------------------------------------------------------
+# batch loader used by train.py
+
+def open_bin(path):
+    """Memory-map a uint16 token shard (an empty file maps to an empty array)."""
+    size = os.path.getsize(path)
+    if size % 2:
+        raise DataError(f"{path} has an odd number of bytes, not a uint16 token file: run pretokenize again")
+    return np.memmap(path, dtype=np.uint16, mode="r") if size else np.zeros(0, dtype=np.uint16)
+
+
+class Windows:
+    """All windows of max_seq_len + 1 consecutive tokens of a split, numbered 0..n_windows-1 shard after shard.
+    Shard 0 is "val", the others "train"; shards too short for a single window are left out."""
+
+    def __init__(self, split, max_seq_len, vocab_size=0, data_dir="data"):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+        d = bin_dir(vocab_size, data_dir)
+        paths = sorted(glob.glob(os.path.join(d, "*.bin")))
+        if not paths:
+            fix = command("pretokenize", vocab_size, data_dir)
+            if not json_shards(os.path.join(data_dir, SHARD_DIR)):
+                fix = f"{command('download', 0, data_dir)}, then {fix}"
+            raise MissingDataError(f"no pretokenized shards (*.bin) in {d}: run {fix}")
+        missing = [j for j in json_shards(os.path.join(data_dir, SHARD_DIR))
+                   if not os.path.exists(os.path.join(d, os.path.basename(j)[:-len(".json")] + ".bin"))]
+        if missing:
+            raise DataError(f"{len(missing)} JSON shard(s) have no .bin in {d} (first: {missing[0]}): pretokenize "
+                            f"did not finish, run {command('pretokenize', vocab_size, data_dir)}")
+        if split == "train" and len(paths) < 2:
+            raise DataError(f"{d} holds a single shard, which is the val split: train needs at least two shards")
+        opened = [open_bin(p) for p in (paths[:1] if split == "val" else paths[1:])]
+        shards = [m for m in opened if len(m) > max_seq_len]
+        if not shards:
+            raise DataError(f"every {split} shard in {d} is shorter than max_seq_len + 1 = {max_seq_len + 1} tokens "
+                            f"(longest: {max(len(m) for m in opened)}): lower max_seq_len or pretokenize more stories")
+        self.views = [np.lib.stride_tricks.sliding_window_view(m, max_seq_len + 1) for m in shards]  # no copy
+        self.counts = np.array([len(v) for v in self.views], dtype=np.int64)  # windows per shard
+        self.ends = np.cumsum(self.counts)
+        self.n_windows = int(self.ends[-1])
+        self.n_tokens = int(sum(len(m) for m in shards))
+
+    def gather(self, idx):
+        """(len(idx), max_seq_len + 1) int64 array of the windows with these global indices, one vectorised
+        read per shard involved."""
+        shard = np.searchsorted(self.ends, idx, side="right")
+        start = idx - (self.ends[shard] - self.counts[shard])
+        out = np.empty((len(idx), self.views[0].shape[1]), dtype=np.int64)
+        for s in np.unique(shard):
+            rows = np.flatnonzero(shard == s)
+            out[rows] = self.views[s][start[rows]]
+        return out
+
+
+def to_device(windows, device):
+    """Split (B, T + 1) windows into inputs x and targets y (x shifted by one), int64, on the device."""
+    t = torch.from_numpy(windows)
+    x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+class BatchLoader:
+    """
+    Random training batches: windows chosen uniformly among all valid start positions of the split (a shard with
+    probability proportional to its number of windows, then an offset), gathered a whole batch at a time from
+    memory-mapped shards. The numpy Generator is seeded from (seed, rank), and state_dict()/load_state_dict()
+    carry it so a resumed run draws exactly the batches it would have drawn.
+    """
+
+    def __init__(self, split, batch_size, max_seq_len, vocab_size=0, data_dir="data", device="cpu", seed=0, rank=0):
+        self.windows = Windows(split, max_seq_len, vocab_size, data_dir)
+        self.split, self.batch_size, self.device = split, batch_size, torch.device(device)
+        self.n_tokens = self.windows.n_tokens
+        self.rng = np.random.default_rng([seed, rank])
+
+    def next_batch(self):
+        """x, y: int64 tensors of shape (batch_size, max_seq_len) on the device, y[:, i] == x[:, i + 1]."""
+        idx = self.rng.integers(self.windows.n_windows, size=self.batch_size)
+        return to_device(self.windows.gather(idx), self.device)
+
+    def state_dict(self):
+        """Plain python objects: the generator state and the size of the data it indexes."""
+        return {"rng": self.rng.bit_generator.state, "split": self.split, "n_windows": self.windows.n_windows}
+
+    def load_state_dict(self, state):
+        """Continue from a state_dict(); warns if the shards changed since (the batches then differ)."""
+        if (state["split"], state["n_windows"]) != (self.split, self.windows.n_windows):
+            warnings.warn(f"loader state was saved for {state['split']} data with {state['n_windows']:,} windows, "
+                          f"now {self.split} with {self.windows.n_windows:,}: batches will not repeat exactly")
+        self.rng.bit_generator.state = state["rng"]
+
+
+def eval_batches(split, batch_size, max_seq_len, n_batches, vocab_size=0, data_dir="data", device="cpu",
+                 rank=0, world_size=1):
+    """
+    Deterministic evaluation batches: n_batches * batch_size windows evenly spaced over the split (no RNG, so the
+    same in every call and run); batch i holds every n_batches-th of them, so each batch spans the whole split.
+    With world_size > 1, batch i goes to rank i % world_size.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    windows = Windows(split, max_seq_len, vocab_size, data_dir)
+    n = n_batches * batch_size
+    idx = (np.arange(n, dtype=np.int64) * windows.n_windows) // max(n, 1)
+    idx = idx.reshape(batch_size, n_batches).T
+    device = torch.device(device)
+    for i in range(rank, n_batches, world_size):
+        yield to_device(windows.gather(idx[i]), device)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stages = parser.add_subparsers(dest="stage", required=True)
+    data_help = "directory that holds TinyStories_all_data/, tok{N}.model and tok{N}/ (default: data)"
+
+    p = stages.add_parser("download", help="fetch, verify and unpack the JSON shards; fetch tokenizer.model")
+    p.add_argument("--data_dir", default="data", help=data_help)
+    p.add_argument("--source", default=DATA_URL,
+                   help="URL or local path of the data: a .tar.gz of JSON shards, a directory of .json shards, or "
+                        "a .txt of stories separated by <|endoftext|> (default: the Hugging Face TinyStories archive)")
+    p.add_argument("--tokenizer_url", default=TOKENIZER_URL,
+                   help=f"where to fetch tokenizer.model when {TOKENIZER_MODEL} is missing")
+    p.add_argument("--tokenizer_sha256", default=TOKENIZER_SHA256,
+                   help="expected sha256 of the fetched tokenizer.model (default: the Llama 2 tokenizer)")
+    p.add_argument("--stories_per_shard", type=int, default=100_000,
+                   help="stories per JSON shard when --source is a .txt file (default: 100000)")
+    p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds (default: 30)")
+    p.add_argument("--retries", type=int, default=5,
+                   help="reconnections after a dropped transfer, each resuming where it stopped (default: 5)")
+
+    p = stages.add_parser("pretokenize", help="encode every shard into a uint16 .bin (BOS before each story)")
+    p.add_argument("--vocab_size", type=int, default=0,
+                   help="0: the Llama 2 tokenizer, .bin next to the shards; N: data_dir/tok{N}.model, into tok{N}/")
+    p.add_argument("--data_dir", default="data", help=data_help)
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes, one shard at a time each (default: min(cpu count, number of shards))")
+
+    p = stages.add_parser("train_vocab", help="train a custom SentencePiece BPE vocabulary into data_dir/tok{N}.model")
+    p.add_argument("--vocab_size", type=int, required=True, help="number of pieces (at most 65535)")
+    p.add_argument("--data_dir", default="data", help=data_help)
+    p.add_argument("--num_shards", type=int, default=10, help="train on the first N shards (default: 10)")
+    p.add_argument("--keep_text", action="store_true", help="keep the temporary training text data_dir/tiny.txt")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.stage == "download":
+            download(args.data_dir, args.source, tokenizer_url=args.tokenizer_url,
+                     tokenizer_sha256=args.tokenizer_sha256, stories_per_shard=args.stories_per_shard,
+                     timeout=args.timeout, retries=args.retries)
+        elif args.stage == "pretokenize":
+            pretokenize(args.vocab_size, args.data_dir, args.workers)
+        else:
+            train_vocab(args.vocab_size, args.data_dir, args.num_shards, args.keep_text)
+    except (DataError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted (run the same command again: downloads resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
