@@ -342,7 +342,6 @@ def block_forward_flops(block, T):
     if block.dual_attn.self_attention is not None:
         flops += 4 * T * block.dual_attn.self_attention.n_heads * block.dual_attn.self_attention.head_dim
     return flops + relational_forward_flops(block.dual_attn.relational_attention, T)
-    return flops
 
 
 def relational_forward_flops(ra, T):
@@ -530,7 +529,8 @@ def paper_args_to_current(kind, model_args):
 def paper_state_dict_to_current(state_dict, n_layers, n_heads_ra=None):
     """Paper-era keys -> ours: drop the `token_embedder.weights.*` aliases of the output layer, repeat the
     shared `symbol_retriever` per layer, rename abstract_attn/relational_cross_attention, view W_r's
-    Linear weight (ra*h, n_r) as (ra, h, n_r)."""
+    Linear weight (ra*h, n_r) as (ra, h, n_r). Keys already in our layout (our own --arch paper
+    checkpoints store our module names next to the paper-era model_args) pass through unchanged."""
     out = {}
     for key, value in state_dict.items():
         if key.startswith("layers.token_embedder.weights."):

@@ -1,0 +1,539 @@
+"""
+Tests of train.py on CPU with tiny models and a repetitive toy corpus, tokenized by a SentencePiece model that
+tiny_stories_data.py trains here in a second. Runs go through train.main() in this process where that is enough,
+and through real subprocesses where the process boundary is the point: exact resume in a new process, SIGTERM,
+torchrun (gloo), the real W&B package offline, and the one-line errors of the command line.
+"""
+
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as M
+import tiny_stories_data as D
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 300
+TRANSFORMER = ["--sa", "4", "--ra", "0", "--symbol_type", "NA", "--pos_enc_type", "RoPE", "--ra_type", "NA"]
+SMALL = ["--n_layers", "1", "--d_model", "32", "--max_seq_len", "32", "--batch_size", "8", "--eval_iters", "2",
+         "--log_interval", "1", "--sample_tokens", "3", "--log_to_wandb", "0", "--vocab_size", str(VOCAB)]
+CONSTANT_LR = ["--use_cosine_sched", "0", "--learning_rate", "1e-2"]
+
+
+def dat(ra_type, symbol_type, pos_enc_type="RoPE"):
+    return ["--sa", "2", "--ra", "2", "--symbol_type", symbol_type, "--pos_enc_type", pos_enc_type,
+            "--ra_type", ra_type]
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Three JSON shards of templated stories (shard 0 = val), a 300-piece BPE vocabulary, uint16 shards."""
+    root = tmp_path_factory.mktemp("toy_data")
+    rng = random.Random(0)
+    names, animals, places, verbs = ["Lily", "Tom", "Max", "Emma"], ["cat", "dog", "bird"], ["park", "garden"], \
+        ["play", "run", "jump"]
+
+    def story():
+        n, a, p, v = rng.choice(names), rng.choice(animals), rng.choice(places), rng.choice(verbs)
+        return (f"Once upon a time, there was a {a} named {n}. {n} liked to {v} in the {p}. "
+                f"One day, {n} went to the {p} to {v}. It was fun. The end.")
+
+    shards = root / D.SHARD_DIR
+    shards.mkdir()
+    for i in range(3):
+        (shards / f"data{i:02d}.json").write_text(json.dumps([{"story": story()} for _ in range(100)]))
+    D.train_vocab(VOCAB, str(root))
+    D.pretokenize(VOCAB, str(root), workers=1)
+    return str(root)
+
+
+def args_for(data_dir, out_dir, model_flags, *extra):
+    return [*model_flags, *SMALL, "--data_dir", data_dir, "--out_dir", str(out_dir), *map(str, extra)]
+
+
+def run_main(capsys, argv):
+    """train.main in this process: (exit code, stdout, stderr)."""
+    code = train.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_script(argv, env=None, launcher=("train.py",), **kwargs):
+    """train.py in a subprocess (one intra-op thread, so runs do not fight over the two cores)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, *launcher, *map(str, argv)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=240, **kwargs)
+
+
+def the_run_dir(out_dir):
+    dirs = [d for d in glob.glob(os.path.join(glob.escape(str(out_dir)), "*")) if os.path.isdir(d)]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def step_losses(run_dir):
+    """{step: training loss} (a resumed run appends to the same file)."""
+    return {r["iter"]: r["train/step_loss"] for r in metrics(run_dir) if "train/step_loss" in r}
+
+
+def evals(run_dir):
+    return [r for r in metrics(run_dir) if "val/loss" in r]
+
+
+def load_ckpt(run_dir):
+    return torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+
+
+def train_tokens(data_dir):
+    return sum(os.path.getsize(p) // 2 for p in sorted(glob.glob(os.path.join(data_dir, f"tok{VOCAB}", "*.bin")))[1:])
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+# SPEC §4: the reference flags with their choices and defaults (required ones have none)
+SEED_FLAGS = {
+    "sa": None, "ra": None, "symbol_type": None, "pos_enc_type": None, "ra_type": None, "n_layers": None,
+    "d_model": None, "activation": "swiglu", "dropout_rate": 0.1, "dff": None, "norm_first": 1, "symmetric_rels": 0,
+    "trainable_symbols": 1, "max_seq_len": 512, "n_epochs": -1, "max_iters": 100_000, "batch_size": 64,
+    "gradient_accumulation_steps": 1, "learning_rate": 5e-4, "use_cosine_sched": 1, "eval_interval": 2000,
+    "eval_iters": 100, "eval_only": 0, "log_to_wandb": 1, "always_save_checkpoint": 0, "compile": 0,
+    "init_from": "scratch", "wandb_project": "dual_attention--tiny_stories-LM",
+}
+SEED_CHOICES = {
+    "symbol_type": {"position_relative", "symbolic_attention", "NA"}, "pos_enc_type": {"RoPE", "pos_emb"},
+    "ra_type": {"relational_attention", "rca", "disrca", "NA"}, "init_from": {"scratch", "resume"},
+}
+REQUIRED = {"sa", "ra", "symbol_type", "pos_enc_type", "ra_type", "n_layers", "d_model"}
+SWITCHES = {"norm_first", "symmetric_rels", "trainable_symbols", "use_cosine_sched", "eval_only", "log_to_wandb",
+            "always_save_checkpoint", "compile"}
+
+
+def test_every_seed_flag_parses_with_the_seed_defaults():
+    actions = {a.dest: a for a in train.build_parser()._actions if a.dest != "help"}
+    assert SEED_FLAGS.keys() <= actions.keys()
+    assert {d for d, a in actions.items() if a.required} == REQUIRED
+    minimal = ["--sa", "8", "--ra", "0", "--symbol_type", "NA", "--pos_enc_type", "RoPE", "--ra_type", "NA",
+               "--n_layers", "4", "--d_model", "64"]
+    args = vars(train.build_parser().parse_args(minimal))
+    for dest, default in SEED_FLAGS.items():
+        if dest not in REQUIRED:
+            assert args[dest] == default and type(args[dest]) is type(default), dest
+        assert actions[dest].option_strings == [f"--{dest}"]
+    for dest, choices in SEED_CHOICES.items():
+        assert set(actions[dest].choices) == choices, dest
+    for dest in SWITCHES:  # booleans are 0/1 integers, as in the reference
+        assert train.build_parser().parse_args(minimal + [f"--{dest}", "0"]).__dict__[dest] == 0
+        assert train.build_parser().parse_args(minimal + [f"--{dest}", "1"]).__dict__[dest] == 1
+    assert train.build_parser().parse_args(minimal + ["--dff", "96"]).dff == 96
+
+
+def test_help_explains_every_flag():
+    parser = train.build_parser()
+    for action in parser._actions:
+        assert action.help and len(action.help) > 10, action.dest
+    text = parser.format_help()
+    for action in parser._actions:
+        assert action.option_strings[-1] in text
+
+
+@pytest.mark.parametrize("argv,env,message", [
+    (dat("rca", "NA"), {}, "--ra 2 needs --symbol_type symbolic_attention or position_relative"),
+    (["--sa", "3", "--ra", "1", "--symbol_type", "symbolic_attention", "--pos_enc_type", "RoPE", "--ra_type", "rca",
+      "--d_model", "18"], {}, "d_model=18 must be divisible by the number of heads (4)"),
+    (TRANSFORMER + ["--gradient_accumulation_steps", "3"], {"WORLD_SIZE": "2"},
+     "--gradient_accumulation_steps 3 must be divisible by the number of DDP processes (2)"),
+], ids=["ra-with-NA-symbols", "width-not-divisible", "accumulation-vs-world-size"])
+def test_contradictory_flags_give_a_one_line_error(tmp_path, argv, env, message):
+    result = run_script([*argv, "--n_layers", "1", *([] if "--d_model" in argv else ["--d_model", "32"]),
+                         "--data_dir", tmp_path / "no_data", "--out_dir", tmp_path / "out"], env=env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_learning_rate_schedule():
+    args = train.build_parser().parse_args(TRANSFORMER + ["--n_layers", "1", "--d_model", "32", "--warmup_iters",
+                                                          "10", "--learning_rate", "1e-3"])
+    assert train.get_lr(0, args, 110) == 0.0
+    assert train.get_lr(5, args, 110) == pytest.approx(5e-4)
+    assert train.get_lr(10, args, 110) == pytest.approx(1e-3)
+    assert train.get_lr(60, args, 110) == pytest.approx(5e-4)
+    assert train.get_lr(110, args, 110) == 0.0
+    args.use_cosine_sched = 0
+    assert {train.get_lr(i, args, 110) for i in (0, 5, 60, 110)} == {1e-3}
+
+
+def test_epochs_or_max_iters_whichever_comes_first():
+    args = train.build_parser().parse_args(TRANSFORMER + ["--n_layers", "1", "--d_model", "32", "--n_epochs", "2",
+                                                          "--max_iters", "1000"])
+    assert train.training_steps(args, 10_000, 1024)[0] == 20  # ceil(2 * 10000 / 1024)
+    args.max_iters = 7
+    assert train.training_steps(args, 10_000, 1024)[0] == 7
+    args.n_epochs = -1
+    assert train.training_steps(args, 10_000, 1024)[0] == 7
+
+
+def test_resume_defaults_to_the_newest_checkpoint(tmp_path):
+    for name, mtime in (("b", 100), ("a", 200), ("c", 50)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ckpt.pt").write_bytes(b"")
+        os.utime(tmp_path / name / "ckpt.pt", (mtime, mtime))
+    args = train.build_parser().parse_args(TRANSFORMER + ["--n_layers", "1", "--d_model", "32", "--out_dir",
+                                                          str(tmp_path), "--init_from", "resume"])
+    assert train.find_checkpoint(args) == str(tmp_path / "a" / "ckpt.pt")
+    args.ckpt_path = str(tmp_path / "c")
+    assert train.find_checkpoint(args) == str(tmp_path / "c" / "ckpt.pt")
+    args.ckpt_path, args.out_dir = None, str(tmp_path / "empty")
+    with pytest.raises(train.RunError, match="no run directory with a ckpt.pt"):
+        train.find_checkpoint(args)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+MODELS = {
+    "transformer": TRANSFORMER,
+    "ra-symbolic": dat("relational_attention", "symbolic_attention"),
+    "ra-posrel-symmetric": dat("relational_attention", "position_relative", "pos_emb") + ["--symmetric_rels", "1"],
+    "rca-symbolic": dat("rca", "symbolic_attention", "pos_emb"),
+    "rca-posrel": dat("rca", "position_relative"),
+    "disrca-symbolic": dat("disrca", "symbolic_attention"),
+    "disrca-posrel": dat("disrca", "position_relative", "pos_emb"),
+    "paper-ra-symbolic": dat("relational_attention", "symbolic_attention") + ["--arch", "paper"],
+}
+KINDS = dict(transformer="TransformerLM", paper="AbstractTransformerLM")  # else DualAttnTransformerLM
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_each_model_trains_and_its_loss_drops(data_dir, tmp_path, capsys, name):
+    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path, MODELS[name], *CONSTANT_LR, "--max_iters", 20,
+                                             "--eval_interval", 10))
+    assert code == 0
+    run_dir = the_run_dir(tmp_path)
+    assert [e["iter"] for e in evals(run_dir)] == [0, 10, 20]
+    first, last = evals(run_dir)[0], evals(run_dir)[-1]
+    assert last["val/loss"] < first["val/loss"] - 1.0
+    assert last["val/perplexity"] == pytest.approx(math.exp(last["val/loss"]))
+    assert sorted(step_losses(run_dir)) == list(range(20))
+    ckpt = load_ckpt(run_dir)
+    assert ckpt["iter_num"] == 20 and ckpt["best_val_loss"] == last["val/loss"]
+    assert ckpt["kind"] == KINDS.get(name.split("-")[0], "DualAttnTransformerLM")
+    assert ckpt["arch"] == ("paper" if name.startswith("paper") else "current")
+    assert out.count("PROMPT:") == 7 and "GENERATED SAMPLES" in out
+
+
+def test_checkpoint_format(data_dir, tmp_path, capsys):
+    code, _, _ = run_main(capsys, args_for(data_dir, tmp_path, MODELS["ra-symbolic"], "--max_iters", 2,
+                                           "--eval_interval", 2))
+    assert code == 0
+    ckpt = load_ckpt(the_run_dir(tmp_path))  # loads with weights_only=True
+    assert set(ckpt) == {"model", "optimizer", "model_args", "kind", "arch", "iter_num", "best_val_loss", "config",
+                         "loader", "rng", "wandb_run_id"}
+    assert (ckpt["kind"], ckpt["arch"], ckpt["iter_num"], ckpt["wandb_run_id"]) == \
+        ("DualAttnTransformerLM", "current", 2, None)
+    reference = M.from_reference(ckpt["kind"], ckpt["model_args"])  # reference keys, no _orig_mod./module. prefix
+    assert list(ckpt["model"]) == list(reference.state_dict())
+    assert ckpt["config"]["d_model"] == 32 and ckpt["config"]["run_name"] == os.path.basename(the_run_dir(tmp_path))
+    assert len(ckpt["loader"]) == len(ckpt["rng"]) == 1
+    assert not glob.glob(os.path.join(glob.escape(the_run_dir(tmp_path)), "*.tmp"))
+    model = M.model_from_checkpoint(ckpt)
+    assert sum(p.numel() for p in model.parameters()) == ckpt["config"]["n_params"]
+
+
+def test_dff_sets_the_feed_forward_width(data_dir, tmp_path, capsys):
+    assert int(2 / 3 * 4 * 32) != 24
+    code, _, _ = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, "--dff", 24, "--max_iters", 2,
+                                           "--eval_interval", 2))
+    assert code == 0
+    state = load_ckpt(the_run_dir(tmp_path))["model"]
+    assert state["layers.blocks.0.ff_block.linear1.weight"].shape == (24, 32)
+    assert state["layers.blocks.0.ff_block.linear3.weight"].shape == (24, 32)
+    assert state["layers.blocks.0.ff_block.linear2.weight"].shape == (32, 24)
+
+
+def test_n_epochs_stops_after_that_many_passes(data_dir, tmp_path, capsys):
+    tokens_per_step = 16 * 32
+    expected = math.ceil(train_tokens(data_dir) / tokens_per_step)
+    assert 5 < expected < 100
+    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, "--n_epochs", 1, "--batch_size", 16,
+                                             "--max_iters", 1000, "--eval_interval", 1000, "--log_interval", 1000))
+    assert code == 0
+    assert f"training for {expected} steps (--n_epochs 1" in out
+    assert [e["iter"] for e in evals(the_run_dir(tmp_path))] == [0, expected]
+    assert load_ckpt(the_run_dir(tmp_path))["iter_num"] == expected
+
+
+def test_paper_arch_decays_every_matrix_and_resumes(data_dir, tmp_path, capsys):
+    """--arch paper: the untied output layer is a second >= 2-D tensor that decays; a frozen symbol library is left
+    out of the optimizer; the checkpoint records the arch and evaluates to the numbers logged before it."""
+    flags = dat("relational_attention", "symbolic_attention") + ["--arch", "paper", "--trainable_symbols", "0"]
+    code, _, _ = run_main(capsys, args_for(data_dir, tmp_path, flags, *CONSTANT_LR, "--max_iters", 4,
+                                           "--eval_interval", 4))
+    assert code == 0
+    run_dir = the_run_dir(tmp_path)
+    ckpt = load_ckpt(run_dir)
+    assert (ckpt["arch"], ckpt["kind"], ckpt["config"]["arch"]) == ("paper", "AbstractTransformerLM", "paper")
+    model = M.model_from_checkpoint(ckpt)
+    assert model.layers.final_out.weight is not model.layers.token_embedder.weight
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay, no_decay = ckpt["optimizer"]["param_groups"]
+    assert len(decay["params"]) == sum(p.dim() >= 2 for p in trainable) and decay["weight_decay"] == 0.1
+    assert len(no_decay["params"]) == sum(p.dim() < 2 for p in trainable) and no_decay["weight_decay"] == 0.0
+    assert len(trainable) == sum(1 for _ in model.parameters()) - 1  # the frozen symbol library
+
+    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path, flags, "--init_from", "resume", "--eval_only", 1))
+    assert code == 0
+    assert f"step 4: train loss {evals(run_dir)[-1]['train/loss']:.4f}" in out
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory):
+    """A finished 4-step Transformer run with a checkpoint at step 4 (written by --always_save_checkpoint)."""
+    out = tmp_path_factory.mktemp("trained")
+    assert train.main(args_for(data_dir, out, TRANSFORMER, *CONSTANT_LR, "--max_iters", 4, "--eval_interval", 2,
+                               "--always_save_checkpoint", 1)) == 0
+    return the_run_dir(out)
+
+
+def test_eval_only_evaluates_and_writes_nothing(data_dir, tmp_path, capsys, trained_run):
+    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path / "fresh", TRANSFORMER, "--eval_only", 1))
+    assert code == 0
+    assert "step 0: train loss" in out and "val perplexity" in out
+    assert not (tmp_path / "fresh").exists()
+
+    before, n_records = Path(trained_run, "ckpt.pt").read_bytes(), len(metrics(trained_run))
+    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path / "unused", TRANSFORMER, "--eval_only", 1,
+                                             "--init_from", "resume", "--ckpt_path", trained_run))
+    assert code == 0
+    last = evals(trained_run)[-1]  # the evaluation the checkpoint was written after
+    assert f"step 4: train loss {last['train/loss']:.4f}, val loss {last['val/loss']:.4f}" in out
+    assert Path(trained_run, "ckpt.pt").read_bytes() == before
+    assert len(metrics(trained_run)) == n_records and "GENERATED" not in out
+    assert not (tmp_path / "unused").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--arch", "paper"], "the checkpoint is --arch current, the flags say --arch paper"),
+    (["--n_layers", "2"], "n_layers 1 (flags: 2)"),
+], ids=["arch", "n_layers"])
+def test_resume_refuses_flags_of_another_model(data_dir, tmp_path, capsys, trained_run, flags, message):
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, "--init_from", "resume",
+                                             "--ckpt_path", trained_run, *flags))
+    assert code == 2
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, capsys, trained_run):
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    good = Path(run_dir, "ckpt.pt").read_bytes()
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, "--init_from", "resume",
+                                             "--ckpt_path", run_dir, "--use_cosine_sched", 0, "--learning_rate", 1e9,
+                                             "--max_iters", 40, "--eval_interval", 100, "--always_save_checkpoint", 1))
+    assert code == 1
+    assert "error: the training loss is nan at step" in err
+    assert f"the last good checkpoint stays in {run_dir}" in err
+    assert Path(run_dir, "ckpt.pt").read_bytes() == good
+    stopped_at = int(err.split("at step ")[1].split(":")[0])
+    assert max(step_losses(run_dir)) == stopped_at - 1  # no update was made from the NaN loss
+
+
+def reference_checkpoint(path, flags):
+    """A checkpoint as the authors' train.py writes it (no kind/arch/loader/rng; keys of a compiled model; the
+    optimizer grouped as theirs: trainable tensors with >= 2 dims decay, in named_parameters order), 3 steps in."""
+    kind, model_args = M.model_args_from_flags(flags)
+    torch.manual_seed(0)
+    model = M.from_reference(kind, model_args).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=1e-3, betas=(0.9, 0.95))
+    for _ in range(3):
+        idx = torch.randint(VOCAB, (4, 17))
+        model(idx[:, :-1], idx[:, 1:])[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    config = dict(flags, batch_size=8, learning_rate=1e-3, device="cuda", dtype="bfloat16", compile=True)
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "model_args": model_args, "iter_num": 3,
+                "best_val_loss": torch.tensor(9.5), "config": config}, path)
+    return model.eval()
+
+
+def test_a_reference_checkpoint_evaluates_and_resumes(data_dir, tmp_path, capsys):
+    flags = dict(sa=2, ra=2, symbol_type="symbolic_attention", pos_enc_type="RoPE", ra_type="relational_attention",
+                 n_layers=1, d_model=32, max_seq_len=32, vocab_size=VOCAB)
+    run_dir = tmp_path / "reference_run"
+    run_dir.mkdir()
+    model = reference_checkpoint(run_dir / "ckpt.pt", flags)
+    with torch.no_grad():
+        val = [model(x, y)[1].item() for x, y in eval_windows(data_dir)]
+    argv = args_for(data_dir, tmp_path, MODELS["ra-symbolic"], "--init_from", "resume", "--ckpt_path", run_dir)
+
+    code, out, _ = run_main(capsys, argv + ["--eval_only", "1"])
+    assert code == 0
+    assert f"val loss {sum(val) / len(val):.4f}" in out and "resumed at step 3" in out
+
+    code, out, _ = run_main(capsys, argv + ["--max_iters", "5", "--eval_interval", "5"])
+    assert code == 0
+    assert "batches and dropout start afresh from --seed" in out
+    ckpt = load_ckpt(run_dir)
+    assert (ckpt["iter_num"], ckpt["kind"], ckpt["arch"]) == (5, "DualAttnTransformerLM", "current")
+    assert {s["step"].item() for s in ckpt["optimizer"]["state"].values()} == {5.0}  # 3 reference steps + 2
+
+
+def eval_windows(data_dir):
+    return D.eval_batches("val", 8, 32, 2, vocab_size=VOCAB, data_dir=data_dir)
+
+
+# -----------------------------------------------------------------------------
+# exact resume, signals, DDP, W&B (subprocesses)
+
+def test_resume_extends_a_run_bit_identically(data_dir, tmp_path):
+    """8 steps in one go == 4 steps, then a new process resumes to 8 (dropout, accumulation, constant LR)."""
+    flags = args_for(data_dir, "OUT", dat("relational_attention", "position_relative"), *CONSTANT_LR,
+                     "--eval_interval", 4, "--gradient_accumulation_steps", 2, "--always_save_checkpoint", 1)
+
+    def run(out, *extra):
+        result = run_script([str(out) if a == "OUT" else a for a in flags] + list(map(str, extra)))
+        assert result.returncode == 0, result.stderr
+        return result
+
+    run(tmp_path / "whole", "--max_iters", 8)
+    run(tmp_path / "parts", "--max_iters", 4)
+    assert load_ckpt(the_run_dir(tmp_path / "parts"))["iter_num"] == 4
+    resumed = run(tmp_path / "parts", "--max_iters", 8, "--init_from", "resume")
+    assert "resumed at step 4" in resumed.stdout
+    whole, parts = the_run_dir(tmp_path / "whole"), the_run_dir(tmp_path / "parts")
+    assert step_losses(whole) == step_losses(parts) and len(step_losses(whole)) == 8
+    assert evals(whole)[-1]["val/loss"] == evals(parts)[-1]["val/loss"]
+
+
+def test_sigterm_mid_run_leaves_a_checkpoint_that_resumes_exactly(data_dir, tmp_path):
+    """SIGTERM during a cosine-schedule run: a checkpoint at the next step boundary, exit 143; resuming it gives
+    the losses of an uninterrupted run, step for step."""
+    flags = args_for(data_dir, "OUT", dat("disrca", "symbolic_attention"), "--max_iters", 60, "--eval_interval", 25,
+                     "--warmup_iters", 5, "--learning_rate", 1e-2)
+    argv = lambda out: [str(out) if a == "OUT" else a for a in flags]  # noqa: E731
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "train.py", *argv(tmp_path / "interrupted")], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("2 | loss"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = line + proc.stdout.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, proc.stderr.read()
+    assert "(stopped by SIGTERM)" in out and "GENERATED SAMPLES" not in out
+    run_dir = the_run_dir(tmp_path / "interrupted")
+    stopped_at = load_ckpt(run_dir)["iter_num"]
+    assert 3 <= stopped_at < 60 and max(step_losses(run_dir)) == stopped_at - 1
+
+    resumed = run_script(argv(tmp_path / "interrupted") + ["--init_from", "resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed at step {stopped_at}" in resumed.stdout
+    whole = run_script(argv(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    assert step_losses(run_dir) == step_losses(the_run_dir(tmp_path / "whole"))
+    assert len(step_losses(run_dir)) == 60
+
+
+def test_torchrun_two_cpu_processes(data_dir, tmp_path):
+    result = run_script(args_for(data_dir, tmp_path, dat("rca", "symbolic_attention"), *CONSTANT_LR,
+                                 "--max_iters", 4, "--eval_interval", 2, "--gradient_accumulation_steps", 2),
+                        launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                  "train.py"))
+    assert result.returncode == 0, result.stderr
+    assert "1 accumulation steps x 2 processes" in result.stdout
+    assert result.stdout.count("GENERATED SAMPLES") == 1 and result.stdout.count("PROMPT:") == 7
+    assert result.stdout.count("step 4: train loss") == 1
+    run_dir = the_run_dir(tmp_path)
+    assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "metrics.jsonl"]
+    ckpt = load_ckpt(run_dir)
+    assert ckpt["iter_num"] == 4 and len(ckpt["loader"]) == 2
+    assert ckpt["loader"][0]["rng"] != ckpt["loader"][1]["rng"]  # each rank draws its own batches
+    assert evals(run_dir)[-1]["val/loss"] < evals(run_dir)[0]["val/loss"]
+
+
+def wandb_records(path):
+    """The records of a .wandb file: W&B's protobuf Records in its LevelDB-style log (7-byte file header, 32 KiB
+    blocks, each chunk: crc32 uint32, length uint16, type uint8 = full/first/middle/last)."""
+    from wandb.proto import wandb_internal_pb2
+    data, records, pending, pos = Path(path).read_bytes(), [], b"", 7
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def test_wandb_without_credentials_logs_offline(data_dir, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), NETRC=str(home / "no_netrc"), WANDB_CONFIG_DIR=str(home / "wandb_config"))
+    result = subprocess.run([sys.executable, "train.py",
+                             *args_for(data_dir, tmp_path / "out", TRANSFORMER, *CONSTANT_LR, "--max_iters", 4,
+                                       "--eval_interval", 2, "--log_to_wandb", 1, "--wandb_project", "test-project")],
+                            cwd=REPO, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=240, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stdout.splitlines() if line.startswith("W&B: no credentials")]
+    assert len(notes) == 1 and "wandb sync" in notes[0]
+
+    run_dir = the_run_dir(tmp_path / "out")
+    [wandb_file] = glob.glob(os.path.join(glob.escape(run_dir), "wandb", "offline-run-*", "*.wandb"))
+    records = wandb_records(wandb_file)
+    [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.project == "test-project" and run.display_name == os.path.basename(run_dir)
+    assert run.run_id == load_ckpt(run_dir)["wandb_run_id"]  # a resumed run continues this W&B run
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["arch"] == "current" and config["kind"] == "TransformerLM" and config["max_iters"] == 4
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    curves = [h for h in history if "val/loss" in h]
+    assert [h["iter"] for h in curves] == [0, 2, 4]
+    for key in ("train/loss", "val/loss", "train/perplexity", "val/perplexity", "lr", "tokens"):
+        assert all(isinstance(h[key], float | int) for h in curves), key
+    assert [h["train/step_loss"] for h in history if "train/step_loss" in h] == \
+        [step_losses(run_dir)[i] for i in range(4)]
+
+    [table] = [h for h in history if "Generated Samples/_type" in h]
+    assert table["Generated Samples/_type"] == "table-file" and table["Generated Samples/nrows"] == 7
+    files = os.path.join(os.path.dirname(wandb_file), "files")
+    samples = json.loads(Path(files, table["Generated Samples/path"]).read_text())
+    assert samples["columns"] == ["Prompt", "Generated Sample"]
+    assert [row[0] for row in samples["data"]] == train.PROMPTS
+    printed = result.stdout.split("GENERATED SAMPLES")[1]
+    assert all(row[1] in printed for row in samples["data"])
