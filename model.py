@@ -17,11 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention import Attention, DualAttention, rope_tables
-
-
-def linear_cross_entropy(x, weight, bias, targets):
-    """Mean cross-entropy of the logits x W^T + b against targets (ignore_index -1)."""
-    return F.cross_entropy(F.linear(x, weight, bias).float(), targets, ignore_index=-1)
+from kernels import linear_cross_entropy, linear_cross_entropy_reference
 
 
 # -----------------------------------------------------------------------------
@@ -278,8 +274,9 @@ class LanguageModel(nn.Module):
         return_logits=False (training) returns (None, loss) and lets the loss skip the (B, T, V) logits."""
         x = self.hidden_states(idx)
         out = self.layers.final_out
-        if targets is not None and not return_logits:
-            return None, linear_cross_entropy(x.flatten(0, 1), out.weight, out.bias, targets.flatten())
+        if targets is not None and not return_logits:  # the fused Triton loss on CUDA (kernels.py)
+            loss_fn = linear_cross_entropy if x.is_cuda else linear_cross_entropy_reference
+            return None, loss_fn(x.flatten(0, 1), out.weight, out.bias, targets.flatten())
         logits = out(x)
         loss = None
         if targets is not None:

@@ -1,0 +1,491 @@
+"""
+Fused output layer + cross-entropy in Triton, without the (N, V) logits (Cut-Cross-Entropy style).
+
+For tokens x_i (N, d), an output layer W (V, d), b (V,) and targets t_i, with logits z = x W^T + b:
+
+    loss = mean over {i : t_i != ignore_index} of  loss_i,   loss_i = lse_i - z_{i, t_i},   lse_i = log sum_v exp z_iv
+
+The forward streams over vocabulary tiles with an online logsumexp (in base 2: exp2 is the fast instruction) and
+saves lse (N,). With
+
+    dz_iv = g_i (softmax(z)_iv - [v == t_i])      g_i = dloss/dloss_i (1 / n_valid; 0 where t_i is ignored)
+    dx = dz W,   dW = dz^T x,   db = sum_i dz_i
+
+the forward also accumulates dx_i / g_i = sum_v p_iv W_v - W_{t_i} alongside the logsumexp, as flash attention
+accumulates its output, so that the backward of x is a row scaling. The backward of W and b recomputes each logit
+tile from x, W, b and lse and contracts it at once. Two kernels: the forward over token blocks, dW (and db) over
+vocabulary blocks; memory O(N d + V d) beyond the inputs. Matmuls take the input dtype (bf16 under autocast) and
+accumulate in fp32.
+
+linear_cross_entropy() falls back to plain PyTorch when Triton cannot run (no triton, or CPU tensors outside the
+interpreter, TRITON_INTERPRET=1). `python kernels.py` checks and times the op on a GPU and sweeps the launch settings.
+"""
+
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch fallback
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_TRITON = triton is not None and (torch.cuda.is_available() or INTERPRET)
+
+# Launch settings of the two kernels for rows of x of up to so many bytes (the first bucket that holds them): tile
+# sizes, K_BYTES and launch options, read at every call (tunable at run time: python kernels.py). The kernels take
+# rows of x and W K_BYTES bytes at a time: a row that fits is loaded once per tile and serves both dots of a kernel;
+# a longer row is cut into NUM_K chunks: a K-loop for the logits, and one grid column per chunk of the gradient
+# (dx in the forward, dW), each recomputing the logits (NUM_K times their cost). dW runs SPLIT programs per
+# vocabulary block over interleaved token blocks, adding fp32 partial sums atomically, for when the V / BLOCK_N
+# programs alone are too few for the SMs (132 on an H200).
+CONFIGS = {  # the best of `python kernels.py` on an H200 (torch 2.11, triton 3.6), N = 65536 (16384 for d = 768)
+    128: {  # bf16 d <= 64
+        "forward": dict(BLOCK_M=128, BLOCK_N=64, K_BYTES=256, num_warps=4, num_stages=3),
+        "dw": dict(BLOCK_M=64, BLOCK_N=128, K_BYTES=256, num_warps=4, num_stages=3, SPLIT=1),
+    },
+    256: {  # bf16 d <= 128
+        "forward": dict(BLOCK_M=64, BLOCK_N=128, K_BYTES=256, num_warps=4, num_stages=3),
+        "dw": dict(BLOCK_M=64, BLOCK_N=64, K_BYTES=256, num_warps=4, num_stages=4, SPLIT=1),
+    },
+    math.inf: {  # wider rows, in chunks (d = 768 in bf16: 3 chunks for the forward, 6 for dW)
+        "forward": dict(BLOCK_M=128, BLOCK_N=64, K_BYTES=512, num_warps=8, num_stages=2),
+        "dw": dict(BLOCK_M=64, BLOCK_N=64, K_BYTES=256, num_warps=4, num_stages=3, SPLIT=1),
+    },
+}
+
+
+# -----------------------------------------------------------------------------
+# Triton kernels
+
+if triton is not None:
+    LOG2E = tl.constexpr(1.4426950408889634)
+
+    @triton.jit
+    def _load_tile(ptr, rows, cols, n_rows, n_cols, stride):
+        """ptr[rows, cols] of a row-major (n_rows, n_cols) matrix as a (len(rows), len(cols)) tile, 0 outside."""
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+
+    @triton.jit
+    def _dot_nt(a, b, a_ptr, b_ptr, rows_a, rows_b, n_a, n_b, D, stride_a, stride_b,
+                BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, PRECISION: tl.constexpr):
+        """a[rows_a] b[rows_b]^T (fp32) over the full width D: from the loaded tiles a, b when they hold all of it
+        (NUM_K == 1), else from NUM_K chunks of BLOCK_K columns loaded here (a and b are then not used)."""
+        if NUM_K == 1:
+            acc = tl.dot(a, tl.trans(b), input_precision=PRECISION)
+        else:
+            acc = tl.zeros((rows_a.shape[0], rows_b.shape[0]), tl.float32)
+            for k in range(NUM_K):
+                cols = k * BLOCK_K + tl.arange(0, BLOCK_K)
+                a_k = _load_tile(a_ptr, rows_a, cols, n_a, D, stride_a)
+                b_k = _load_tile(b_ptr, rows_b, cols, n_b, D, stride_b)
+                acc = tl.dot(a_k, tl.trans(b_k), acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _bias_log2(b_ptr, cols, V, HAS_BIAS: tl.constexpr):
+        """log2(e) b_v for the vocabulary columns cols; -inf past V, so those columns drop out of every softmax."""
+        b = tl.zeros(cols.shape, tl.float32)
+        if HAS_BIAS:
+            b = tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32) * LOG2E
+        return tl.where(cols < V, b, float("-inf"))
+
+    @triton.jit
+    def _row_stats(t_ptr, lse_ptr, g_ptr, rows, N, ignore_index):
+        """Targets, log2(e) lse (+inf on padding rows, so their softmax is 0) and the loss gradients g
+        (0 on ignored and padding rows) of the token rows."""
+        t = tl.load(t_ptr + rows, mask=rows < N, other=ignore_index)
+        lse2 = tl.load(lse_ptr + rows, mask=rows < N, other=float("inf")) * LOG2E
+        g = tl.load(g_ptr + rows, mask=rows < N, other=0.0)
+        return t, lse2, tl.where(t == ignore_index, 0.0, g)
+
+    @triton.jit
+    def _target_logit(x_ptr, w_ptr, b_ptr, rows, t, N, V, D, stride_x, stride_w,
+                      HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr):
+        """z_{i,t_i} = x_i . W_{t_i} + b_{t_i} (fp32) of the token rows, for targets t in [0, V)."""
+        z_t = tl.zeros(rows.shape, tl.float32)
+        for k in range(NUM_K):
+            cols = k * BLOCK_K + tl.arange(0, BLOCK_K)
+            x = _load_tile(x_ptr, rows, cols, N, D, stride_x).to(tl.float32)
+            w = _load_tile(w_ptr, t, cols, V, D, stride_w).to(tl.float32)
+            z_t += tl.sum(x * w, axis=1)
+        if HAS_BIAS:
+            z_t += tl.load(b_ptr + t).to(tl.float32)
+        return z_t
+
+    @triton.jit
+    def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, loss_ptr, lse_ptr, dx_ptr, N, V, D, stride_x, stride_w,
+                        ignore_index, HAS_BIAS: tl.constexpr, WITH_DX: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, PRECISION: tl.constexpr):
+        """lse_i and loss_i (0 if ignored, nan if t_i is outside [0, V)) of BLOCK_M tokens (program_id 0) and, with
+        WITH_DX, the BLOCK_K columns of chunk program_id 1 of the gradient of loss_i, dx_i / g_i (fp32):
+
+            dx_i / g_i = sum_v p_iv W_v - W_{t_i} = sum_{v != t_i} p_iv W_v - (1 - p_{i t_i}) W_{t_i}.
+
+        Online logsumexp in base 2 over vocabulary tiles of BLOCK_N: with s = log2(e) z,
+        m <- max(m, max_v s_v),  l <- l 2^(m_old - m) + sum_v 2^(s_v - m),  lse = (m + log2 l) / log2(e);
+        the sum over v != t_i is accumulated alongside as sum_v 2^(s_v - m) W_v (rescaled by 2^(m_old - m) when m
+        moves, as in flash attention) and divided by l at the end. The target column is left out of that bf16
+        matmul and added in fp32, so that 1 - p_t keeps its precision for confident predictions."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols_d = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        t = tl.load(t_ptr + rows, mask=rows < N, other=ignore_index)
+        x = _load_tile(x_ptr, rows, cols_d, N, D, stride_x)  # the whole width if NUM_K == 1, loaded once
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+        for n0 in range(0, V, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            w = _load_tile(w_ptr, cols, cols_d, V, D, stride_w)  # this chunk of W, also the logits' if NUM_K == 1
+            s = _dot_nt(x, w, x_ptr, w_ptr, rows, cols, N, V, D, stride_x, stride_w, BLOCK_K, NUM_K, PRECISION)
+            s = s * LOG2E + _bias_log2(b_ptr, cols, V, HAS_BIAS)[None, :]
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            if WITH_DX:
+                p = tl.where(cols[None, :] == t[:, None], 0.0, p)
+                acc = tl.dot(p.to(w.dtype), w, acc * alpha[:, None], input_precision=PRECISION)
+            m = m_new
+        lse2 = m + tl.log2(l)
+
+        in_vocab = (t >= 0) & (t < V)
+        t_safe = tl.where(in_vocab, t, 0)
+        z_t = _target_logit(x_ptr, w_ptr, b_ptr, rows, t_safe, N, V, D, stride_x, stride_w, HAS_BIAS, BLOCK_K, NUM_K)
+        loss = tl.where(in_vocab, lse2 / LOG2E - z_t, float("nan"))
+        first = (rows < N) & (tl.program_id(1) == 0)  # lse and loss once, by the first chunk
+        tl.store(lse_ptr + rows, lse2 / LOG2E, mask=first)
+        tl.store(loss_ptr + rows, tl.where(t == ignore_index, 0.0, loss), mask=first)
+        if WITH_DX:
+            one_minus_p_t = 1.0 - tl.exp2(z_t * LOG2E - lse2)
+            w_t = _load_tile(w_ptr, t_safe, cols_d, V, D, stride_w).to(tl.float32)
+            dx = acc / l[:, None] - one_minus_p_t[:, None] * w_t
+            mask = (rows[:, None] < N) & (cols_d[None, :] < D)
+            tl.store(dx_ptr + rows[:, None] * D + cols_d[None, :], dx, mask=mask)
+
+    @triton.jit
+    def _dw_kernel(x_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr, N, V, D, stride_x, stride_w,
+                   ignore_index, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+        """dW = dz^T x and db = sum_i dz_i (fp32, into dw (V, D) and db (V,)) for BLOCK_N vocabulary rows
+        (program_id 0) and the BLOCK_K columns of chunk program_id 1, over the token blocks
+        program_id 2 + SPLIT j (j = 0, 1, ...). With SPLIT > 1 the partial sums are added atomically
+        (dw and db must start at 0). Works on the transposed logit tile, so that dz^T x needs no transpose."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols_d = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        bias2 = _bias_log2(b_ptr, cols, V, HAS_BIAS)
+        w = _load_tile(w_ptr, cols, cols_d, V, D, stride_w)  # the whole width if NUM_K == 1, loaded once
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        db = tl.zeros((BLOCK_N,), tl.float32)
+        for m0 in range(tl.program_id(2) * BLOCK_M, N, SPLIT * BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            t, lse2, g = _row_stats(t_ptr, lse_ptr, g_ptr, rows, N, ignore_index)
+            x = _load_tile(x_ptr, rows, cols_d, N, D, stride_x)  # this chunk of x, also the logits' if NUM_K == 1
+            s_t = _dot_nt(w, x, w_ptr, x_ptr, cols, rows, V, N, D, stride_w, stride_x, BLOCK_K, NUM_K, PRECISION)
+            p_t = tl.exp2(s_t * LOG2E + bias2[:, None] - lse2[None, :])
+            dz_t = tl.where(cols[:, None] == t[None, :], p_t - 1.0, p_t) * g[None, :]
+            acc = tl.dot(dz_t.to(x.dtype), x, acc, input_precision=PRECISION)
+            if HAS_BIAS:
+                db += tl.sum(dz_t, axis=1)
+
+        dw_ptrs = dw_ptr + cols[:, None] * D + cols_d[None, :]
+        dw_mask = (cols[:, None] < V) & (cols_d[None, :] < D)
+        db_mask = (cols < V) & (tl.program_id(1) == 0)  # db once, by the first chunk
+        if SPLIT == 1:
+            tl.store(dw_ptrs, acc, mask=dw_mask)
+            if HAS_BIAS:
+                tl.store(db_ptr + cols, db, mask=db_mask)
+        else:
+            tl.atomic_add(dw_ptrs, acc, mask=dw_mask)
+            if HAS_BIAS:
+                tl.atomic_add(db_ptr + cols, db, mask=db_mask)
+
+
+# -----------------------------------------------------------------------------
+# launches
+
+def _bucket(x):
+    """The key of CONFIGS for the rows of x."""
+    return min(key for key in CONFIGS if key >= x.shape[1] * x.element_size())
+
+
+def _config(kernel, x):
+    """The launch settings of kernel for the rows of x."""
+    return CONFIGS[_bucket(x)][kernel]
+
+
+def _launch_args(x, bias, cfg):
+    """The keyword arguments of a launch: cfg with K_BYTES turned into the chunk width BLOCK_K (a power of two,
+    at least 16 for tl.dot) and the number of chunks NUM_K, and the constexprs shared by the kernels."""
+    cfg = dict(cfg)
+    block_k = max(16, min(triton.next_power_of_2(x.shape[1]), cfg.pop("K_BYTES") // x.element_size()))
+    precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # fp32: near-fp32 accuracy on tensor cores
+    return dict(cfg, HAS_BIAS=bias is not None, BLOCK_K=block_k, NUM_K=triton.cdiv(x.shape[1], block_k),
+                PRECISION=precision)
+
+
+def _forward(x, weight, bias, targets, ignore_index, with_dx, cfg=None):
+    """Per-token losses and lse, (N,) fp32 each, and with_dx the gradient of each loss_i w.r.t. x_i, (N, d) fp32
+    (else (0, d))."""
+    args = _launch_args(x, bias, cfg or _config("forward", x))
+    (N, D), V = x.shape, weight.shape[0]
+    loss = torch.empty(N, device=x.device, dtype=torch.float32)
+    lse = torch.empty_like(loss)
+    dx = torch.empty(N if with_dx else 0, D, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(N, args["BLOCK_M"]), args["NUM_K"] if with_dx else 1)
+    _forward_kernel[grid](x, weight, bias, targets, loss, lse, dx, N, V, D, x.stride(0), weight.stride(0),
+                          ignore_index, WITH_DX=with_dx, **args)
+    return loss, lse, dx
+
+
+def _backward_dw(grad_loss, x, weight, bias, targets, lse, ignore_index, cfg=None):
+    """dW and db (an empty tensor without a bias) in fp32, for the loss gradients grad_loss (N,) fp32."""
+    args = _launch_args(x, bias, cfg or _config("dw", x))
+    (N, D), V = x.shape, weight.shape[0]
+    new = torch.zeros if args["SPLIT"] > 1 else torch.empty  # atomics add into zeros
+    dw = new(V, D, device=x.device, dtype=torch.float32)
+    db = new(V if bias is not None else 0, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(V, args["BLOCK_N"]), args["NUM_K"], args["SPLIT"])
+    _dw_kernel[grid](x, weight, bias, targets, lse, grad_loss, dw, db, N, V, D, x.stride(0), weight.stride(0),
+                     ignore_index, **args)
+    return dw, db
+
+
+# -----------------------------------------------------------------------------
+# custom ops (opaque to torch.compile) and their autograd
+
+@torch.library.custom_op("dat::linear_ce_forward", mutates_args=())
+def linear_ce_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                      ignore_index: int, with_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token losses loss_i (0 where targets == ignore_index) and logsumexps of x W^T + b, (N,) fp32 each, and
+    with_dx the gradients d loss_i / d x_i, (N, d) fp32 (else (0, d)): the backward of x is then a row scaling.
+    x (N, d) and weight (V, d) contiguous in one dtype, bias (V,) any float dtype or None, targets (N,) int64."""
+    return _forward(x, weight, bias, targets, ignore_index, with_dx)
+
+
+@linear_ce_forward.register_fake
+def _(x, weight, bias, targets, ignore_index, with_dx):
+    loss = x.new_empty(x.shape[0], dtype=torch.float32)
+    dx = x.new_empty(x.shape if with_dx else (0, x.shape[1]), dtype=torch.float32)
+    return loss, torch.empty_like(loss), dx
+
+
+@torch.library.custom_op("dat::linear_ce_backward", mutates_args=())
+def linear_ce_backward(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       targets: torch.Tensor, lse: torch.Tensor,
+                       ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of sum_i grad_loss_i loss_i w.r.t. weight and bias, in their dtypes (db empty without a bias)."""
+    dw, db = _backward_dw(grad_loss.float().contiguous(), x, weight, bias, targets, lse, ignore_index)
+    return dw.to(weight.dtype), (db if bias is None else db.to(bias.dtype))
+
+
+@linear_ce_backward.register_fake
+def _(grad_loss, x, weight, bias, targets, lse, ignore_index):
+    return torch.empty_like(weight), (x.new_empty(0, dtype=torch.float32) if bias is None else torch.empty_like(bias))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, targets, ignore_index, with_dx = inputs
+    _, lse, dx = output
+    ctx.save_for_backward(x, weight, bias, targets, lse, dx)
+    ctx.ignore_index, ctx.with_dx = ignore_index, with_dx
+
+
+def _backward(ctx, grad_loss, grad_lse, grad_dx):
+    """The gradients of x (a row scaling of the forward's dx), weight and bias; lse and dx are internal outputs,
+    their gradients are ignored."""
+    x, weight, bias, targets, lse, dx = ctx.saved_tensors
+    grad_loss = torch.where(targets != ctx.ignore_index, grad_loss.float(), 0.0)  # ignored: loss_i = 0, constant
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        if not ctx.with_dx:
+            raise RuntimeError("the gradient of x needs linear_ce_forward(..., with_dx=True)")
+        grad_x = (dx * grad_loss[:, None]).to(x.dtype)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        grad_w, grad_b = linear_ce_backward(grad_loss, x, weight, bias, targets, lse, ctx.ignore_index)
+    return grad_x, grad_w, (grad_b if bias is not None else None), None, None, None
+
+
+linear_ce_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -----------------------------------------------------------------------------
+# the op
+
+def linear_cross_entropy_reference(x, weight, bias, targets, ignore_index=-1):
+    """The same loss in plain PyTorch (materialises the logits): weight and bias are cast to the dtype of x."""
+    logits = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index)
+
+
+MAX_ROW_BYTES = 256  # wider rows recompute the logits per width chunk: on the H200, d=768 took 32 ms (compiled: 5.1)
+
+
+def linear_cross_entropy(x, weight, bias, targets, ignore_index=-1):
+    """Mean over the positions with targets != ignore_index of logsumexp(x W^T + b) - (x W^T + b)[target], in fp32.
+
+    x (..., d), weight (V, d), bias (V,) or None, targets (...) int64. Differentiable w.r.t. x, weight and bias.
+    With Triton (CUDA tensors, or the interpreter) the (N, V) logits are never materialised; otherwise this is
+    linear_cross_entropy_reference (also for rows wider than MAX_ROW_BYTES, where torch.compile's version of the
+    plain formula is faster). Under autocast x and weight are cast like F.linear would; weight is cast to
+    the dtype of x; the bias may have any float dtype. All positions ignored: nan, as F.cross_entropy."""
+    if not (HAS_TRITON and (x.is_cuda or INTERPRET)):
+        return linear_cross_entropy_reference(x, weight, bias, targets, ignore_index)
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    if x.shape[-1] * x.element_size() > MAX_ROW_BYTES:
+        return linear_cross_entropy_reference(x, weight, bias, targets, ignore_index)
+    x = x.reshape(-1, x.shape[-1]).contiguous()
+    weight = weight.to(x.dtype).contiguous()
+    targets = targets.reshape(-1).contiguous()
+    with_dx = torch.is_grad_enabled() and x.requires_grad
+    loss, _, _ = linear_ce_forward(x, weight, bias, targets, ignore_index, with_dx)
+    return loss.sum() / (targets != ignore_index).sum()
+
+
+# -----------------------------------------------------------------------------
+# GPU check, timing and tuning: python kernels.py
+
+SWEEP_TILES = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages, K_BYTES) tried for each kernel on rows <= 256 bytes
+    (64, 128, 4, 3, 256), (64, 128, 4, 4, 256), (128, 128, 4, 3, 256), (128, 128, 8, 3, 256), (128, 64, 4, 3, 256),
+    (64, 64, 4, 3, 256), (64, 64, 4, 4, 256), (64, 256, 8, 3, 256),
+]
+SWEEP_TILES_WIDE = [  # the same for wider rows
+    (128, 64, 8, 2, 512), (64, 64, 4, 3, 512), (64, 64, 8, 2, 512), (64, 128, 4, 2, 512), (128, 128, 8, 3, 256),
+    (64, 128, 4, 3, 256), (64, 64, 4, 3, 256), (128, 64, 4, 3, 256),
+]
+SWEEP_SPLITS = (1, 2, 4)
+
+
+def _fwd_bwd(fn, x, weight, bias, targets):
+    loss = fn(x, weight, bias, targets)
+    return (loss, *torch.autograd.grad(loss, (x, weight, bias)))
+
+
+def _time(fn, reps=20, warmup=3):
+    """Median ms of fn() over reps (CUDA events) after warmup calls, and the peak memory above the start, GiB."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start_mem = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), (torch.cuda.max_memory_allocated() - start_mem) / 2**30
+
+
+def _bench_inputs(n, d, V, dtype=torch.bfloat16):
+    """Unit-variance tokens, weights giving logits of standard deviation 2, a small bias, 1 in 16 targets ignored."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, d, device="cuda", generator=g).to(dtype).requires_grad_()
+    weight = (2 / d ** 0.5 * torch.randn(V, d, device="cuda", generator=g)).to(dtype).requires_grad_()
+    bias = (0.1 * torch.randn(V, device="cuda", generator=g)).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (n,), device="cuda", generator=g)
+    targets[::16] = -1
+    return x, weight, bias, targets
+
+
+def _check(x, weight, bias, targets):
+    """Relative errors (2-norm) of loss, dx, dW, db of the Triton op and of the eager bf16 formula, against the
+    fp32 formula on the same (bf16-rounded) inputs."""
+    inputs32 = [t.detach().float().requires_grad_() for t in (x, weight, bias)]
+    ref = _fwd_bwd(linear_cross_entropy_reference, *inputs32, targets)
+    del inputs32
+    for name, fn in (("triton", linear_cross_entropy), ("eager bf16", linear_cross_entropy_reference)):
+        try:
+            out = _fwd_bwd(fn, x, weight, bias, targets)
+        except Exception as e:  # report and carry on
+            print(f"  check {name}: failed: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        errors = [((o.float() - r).norm() / r.norm()).item() for o, r in zip(out, ref)]
+        print(f"  check {name:10s} rel. error  loss {errors[0]:.1e}  dx {errors[1]:.1e}  dW {errors[2]:.1e}"
+              f"  db {errors[3]:.1e}")
+
+
+def _sweep(x, weight, bias, targets, ignore_index=-1):
+    """Time each kernel alone over the tiles (then the splits for dW); returns the best settings of each."""
+    x, weight, bias = x.detach(), weight.detach(), bias.detach()
+    _, lse, _ = _forward(x, weight, bias, targets, ignore_index, with_dx=False)
+    grad = torch.full_like(lse, 1 / (targets != ignore_index).sum().item())
+    launches = {
+        "forward": lambda cfg: _forward(x, weight, bias, targets, ignore_index, True, cfg),
+        "dw": lambda cfg: _backward_dw(grad, x, weight, bias, targets, lse, ignore_index, cfg),
+    }
+    tiles = SWEEP_TILES if _bucket(x) <= 256 else SWEEP_TILES_WIDE
+    tiles = [dict(BLOCK_M=m, BLOCK_N=n, K_BYTES=k, num_warps=w, num_stages=s) for m, n, w, s, k in tiles]
+    best = {}
+    for kernel, launch in launches.items():
+        variants = [dict(t, SPLIT=1) for t in tiles] if kernel == "dw" else tiles
+        results = _time_variants(kernel, launch, variants)
+        if kernel == "dw" and results:  # then the split, with the best tiles
+            splits = [dict(results[0][1], SPLIT=s) for s in SWEEP_SPLITS if s > 1]
+            results = sorted(results + _time_variants(kernel, launch, splits), key=lambda r: r[0])
+        if results:
+            best[kernel] = results[0][1]
+            print(f"  best {kernel:7s} {results[0][0]:6.3f} ms  {results[0][1]}")
+    return best
+
+
+def _time_variants(kernel, launch, variants):
+    """[(ms, variant)] sorted by time; variants that fail to compile or run are reported and skipped."""
+    results = []
+    for variant in variants:
+        try:
+            ms, _ = _time(lambda: launch(variant), reps=10, warmup=1)
+            results.append((ms, variant))
+        except Exception as e:
+            print(f"    {kernel} {variant}: failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
+    return sorted(results, key=lambda r: r[0])
+
+
+def benchmark(shapes=((65536, 64), (65536, 128), (16384, 768)), V=32000, sweep=True):
+    """On a GPU, for each (N, d), bf16: check the Triton op, then time forward + backward of the eager formula, the
+    torch.compile'd formula and the Triton op (with CONFIGS, then with the best settings of the sweep)."""
+    assert HAS_TRITON and torch.cuda.is_available() and not INTERPRET, "needs triton and a GPU, without TRITON_INTERPRET"
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    started = time.time()
+    compiled = torch.compile(linear_cross_entropy_reference, dynamic=False)
+    for n, d in shapes:
+        print(f"N {n}  V {V}  d {d}  bf16")
+        x, weight, bias, targets = _bench_inputs(n, d, V)
+        _check(x, weight, bias, targets)
+        for name, fn in (("eager", linear_cross_entropy_reference), ("compiled", compiled),
+                         ("triton", linear_cross_entropy)):
+            _report(name, lambda: _fwd_bwd(fn, x, weight, bias, targets))
+        if sweep:
+            key = _bucket(x)
+            default = CONFIGS[key]
+            CONFIGS[key] = {**default, **_sweep(x, weight, bias, targets)}
+            _report("triton (best)", lambda: _fwd_bwd(linear_cross_entropy, x, weight, bias, targets))
+            print(f"  CONFIGS[{key!r}] = {CONFIGS[key]}")
+            CONFIGS[key] = default
+        torch.cuda.empty_cache()
+    print(f"{time.time() - started:.0f} s")
+
+
+def _report(name, fn):
+    try:
+        ms, gib = _time(fn)
+        print(f"  {name:14s} fwd+bwd {ms:7.2f} ms   peak {gib:6.2f} GiB above the inputs")
+    except Exception as e:
+        print(f"  {name:14s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    benchmark(sweep="--no-sweep" not in sys.argv)
