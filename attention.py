@@ -119,6 +119,15 @@ class HeadLayout:
         self.width = n_heads * self.head_dim
 
 
+def setup_heads(module, d_model, n_heads, dropout, total_heads, relative=False, max_rel_pos=None):
+    """The head layout, dropout and symbol kind every attention module keeps; returns the layout."""
+    layout = HeadLayout(d_model, n_heads, total_heads or n_heads)
+    module.n_heads, module.head_dim = n_heads, layout.head_dim
+    module.max_rel_pos = max_rel_pos if relative else None
+    module.dropout = dropout
+    return layout
+
+
 # -----------------------------------------------------------------------------
 # self-attention (sensory heads)
 
@@ -129,9 +138,7 @@ class Attention(nn.Module):
 
     def __init__(self, d_model, n_heads, dropout, total_heads=None, bias_out=False):
         super().__init__()
-        layout = HeadLayout(d_model, n_heads, total_heads or n_heads)
-        self.n_heads, self.head_dim = n_heads, layout.head_dim
-        self.dropout = dropout
+        layout = setup_heads(self, d_model, n_heads, dropout, total_heads)
         self.wq = nn.Linear(d_model, layout.width, bias=False)
         self.wk = nn.Linear(d_model, layout.width, bias=False)
         self.wv = nn.Linear(d_model, layout.width, bias=False)
@@ -165,13 +172,10 @@ class RelationalAttention(nn.Module):
     def __init__(self, d_model, n_heads, dropout, total_heads=None, symmetric_rels=False,
                  use_relative_positional_symbols=False, max_rel_pos=None, rel_dim=None):
         super().__init__()
-        layout = HeadLayout(d_model, n_heads, total_heads or n_heads)
-        self.n_heads, self.head_dim = n_heads, layout.head_dim
+        layout = setup_heads(self, d_model, n_heads, dropout, total_heads, use_relative_positional_symbols, max_rel_pos)
         self.n_relations = n_heads
         self.rel_dim = rel_dim or layout.head_dim
         self.symmetric_rels = symmetric_rels
-        self.max_rel_pos = max_rel_pos if use_relative_positional_symbols else None
-        self.dropout = dropout
         self.wr = nn.Parameter(torch.empty(n_heads, layout.head_dim, self.n_relations))
         bound = self.n_relations ** -0.5  # the default init of the paper era's nn.Linear(n_r, n*h)
         nn.init.uniform_(self.wr, -bound, bound)
@@ -214,10 +218,7 @@ class RelationalCrossAttention(nn.Module):
     def __init__(self, d_model, n_heads, dropout, total_heads=None,
                  use_relative_positional_symbols=False, max_rel_pos=None):
         super().__init__()
-        layout = HeadLayout(d_model, n_heads, total_heads or n_heads)
-        self.n_heads, self.head_dim = n_heads, layout.head_dim
-        self.max_rel_pos = max_rel_pos if use_relative_positional_symbols else None
-        self.dropout = dropout
+        layout = setup_heads(self, d_model, n_heads, dropout, total_heads, use_relative_positional_symbols, max_rel_pos)
         self.wq = nn.Linear(d_model, layout.width, bias=False)
         self.wk = nn.Linear(d_model, layout.width, bias=False)
         self.wv = nn.Linear(d_model, layout.width, bias=False)
@@ -255,10 +256,7 @@ class DisentangledRelationalCrossAttention(nn.Module):
     def __init__(self, d_model, n_heads, dropout, total_heads=None,
                  use_relative_positional_symbols=False, max_rel_pos=None):
         super().__init__()
-        layout = HeadLayout(d_model, n_heads, total_heads or n_heads)
-        self.n_heads, self.head_dim = n_heads, layout.head_dim
-        self.max_rel_pos = max_rel_pos if use_relative_positional_symbols else None
-        self.dropout = dropout
+        layout = setup_heads(self, d_model, n_heads, dropout, total_heads, use_relative_positional_symbols, max_rel_pos)
         self.wq_attn = nn.Linear(d_model, layout.width, bias=False)
         self.wk_attn = nn.Linear(d_model, layout.width, bias=False)
         self.wq_rel = nn.Linear(d_model, layout.width, bias=False)

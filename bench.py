@@ -22,12 +22,10 @@ from pathlib import Path
 import torch
 
 import model as M
+import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 from plain_attention import use_plain_attention  # noqa: E402
-
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
-
 
 def config(sa, ra, d_model, n_layers, batch, seq, symbol_type="symbolic_attention", ra_type="relational_attention"):
     flags = dict(sa=sa, ra=ra, d_model=d_model, n_layers=n_layers, max_seq_len=seq, symbol_type=symbol_type,
@@ -55,10 +53,7 @@ CPU_CONFIGS = {
 
 
 def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+    return train.peak_flops(device)[0]
 
 
 def build(cfg, device, seed=0):
