@@ -422,7 +422,7 @@ def evaluate(model, args, device, autocast, rank, world_size):
         for x, y in eval_batches(split, args.batch_size, args.max_seq_len, args.eval_iters, args.vocab_size,
                                  args.data_dir, device, rank, world_size):
             with autocast:
-                _, loss = model(x, y)
+                _, loss = model(x, y, return_logits=False)
             total[0] += loss.double()
             total[1] += 1
         if world_size > 1:
