@@ -108,24 +108,13 @@ def causal_attention(q, k, v, dropout_p):
 SDPA_MAX_VALUE_WIDTH = 192
 
 
-class HeadLayout:
-    """Head widths of one attention kind inside dual attention: n_heads of width d_model // total_heads."""
-
-    def __init__(self, d_model, n_heads, total_heads):
-        if total_heads <= 0 or d_model % total_heads != 0:
-            raise ValueError(f"d_model={d_model} must be divisible by the total number of heads ({total_heads})")
-        self.n_heads = n_heads
-        self.head_dim = d_model // total_heads
-        self.width = n_heads * self.head_dim
-
-
-def setup_heads(module, d_model, n_heads, dropout, total_heads, relative=False, max_rel_pos=None):
-    """The head layout, dropout and symbol kind every attention module keeps; returns the layout."""
-    layout = HeadLayout(d_model, n_heads, total_heads or n_heads)
-    module.n_heads, module.head_dim = n_heads, layout.head_dim
-    module.max_rel_pos = max_rel_pos if relative else None
-    module.dropout = dropout
-    return layout
+def setup_heads(module, config, n_heads):
+    """The head count and width, dropout rate and symbol form (max_rel_pos None: per-position symbols) every
+    attention module keeps; returns the width of its heads together, n_heads * h."""
+    module.n_heads, module.head_dim = n_heads, config.head_dim
+    module.dropout = config.dropout_rate
+    module.max_rel_pos = config.max_rel_pos
+    return n_heads * config.head_dim
 
 
 # -----------------------------------------------------------------------------
@@ -134,16 +123,16 @@ def setup_heads(module, d_model, n_heads, dropout, total_heads, relative=False, 
 class Attention(nn.Module):
     """Causal multi-head self-attention: softmax(q k^T / sqrt(h)) v, heads concatenated, then W_o.
 
-    With total_heads > n_heads (dual attention) the heads keep the width d / total_heads."""
+    Heads have the width h = d / (sa + ra) of the config (in dual attention, n_heads = sa < sa + ra)."""
 
-    def __init__(self, d_model, n_heads, dropout, total_heads=None, bias_out=False):
+    def __init__(self, config, n_heads, bias=False):
         super().__init__()
-        layout = setup_heads(self, d_model, n_heads, dropout, total_heads)
-        self.wq = nn.Linear(d_model, layout.width, bias=False)
-        self.wk = nn.Linear(d_model, layout.width, bias=False)
-        self.wv = nn.Linear(d_model, layout.width, bias=False)
-        self.wo = nn.Linear(layout.width, layout.width, bias=bias_out)
-        self.resid_dropout = nn.Dropout(dropout)
+        width = setup_heads(self, config, n_heads)
+        self.wq = nn.Linear(config.d_model, width, bias=False)
+        self.wk = nn.Linear(config.d_model, width, bias=False)
+        self.wv = nn.Linear(config.d_model, width, bias=False)
+        self.wo = nn.Linear(width, width, bias=bias)
+        self.resid_dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, x, rope=None):
         q = apply_rope(split_heads(self.wq(x), self.n_heads), rope)  # (B, n, T, h)
@@ -167,25 +156,24 @@ class RelationalAttention(nn.Module):
     Computed without a B.T.T.n.h tensor: since relations are bilinear,
         sum_j alpha_ij r_ij[l] = <q^rel_{i,l}, sum_j alpha_ij k^rel_{j,l}> / sqrt(d_r),
     so the relation keys are attended like extra value columns, then W_r maps the n_r-vector.
-    `symmetric_rels` ties W^rel_k to W^rel_q. `rel_dim` (d_r) defaults to the head width."""
+    `symmetric_rels` ties W^rel_k to W^rel_q. n_r and d_r come from the config (n_r = ra; d_r = h, or d // ra
+    for the paper arch)."""
 
-    def __init__(self, d_model, n_heads, dropout, total_heads=None, symmetric_rels=False,
-                 use_relative_positional_symbols=False, max_rel_pos=None, rel_dim=None):
+    def __init__(self, config):
         super().__init__()
-        layout = setup_heads(self, d_model, n_heads, dropout, total_heads, use_relative_positional_symbols, max_rel_pos)
-        self.n_relations = n_heads
-        self.rel_dim = rel_dim or layout.head_dim
-        self.symmetric_rels = symmetric_rels
-        self.wr = nn.Parameter(torch.empty(n_heads, layout.head_dim, self.n_relations))
+        d, width = config.d_model, setup_heads(self, config, config.ra)
+        self.n_relations, self.rel_dim = config.n_relations, config.rel_dim
+        self.symmetric_rels = config.symmetric_rels
+        self.wr = nn.Parameter(torch.empty(self.n_heads, self.head_dim, self.n_relations))
         bound = self.n_relations ** -0.5  # the default init of the paper era's nn.Linear(n_r, n*h)
         nn.init.uniform_(self.wr, -bound, bound)
-        self.wq_attn = nn.Linear(d_model, layout.width, bias=False)
-        self.wk_attn = nn.Linear(d_model, layout.width, bias=False)
-        self.wq_rel = nn.Linear(d_model, self.n_relations * self.rel_dim, bias=False)
-        self.wk_rel = self.wq_rel if symmetric_rels else nn.Linear(d_model, self.n_relations * self.rel_dim, bias=False)
-        self.wv = nn.Linear(d_model, layout.width, bias=False)
-        self.wo = nn.Linear(layout.width, layout.width, bias=False)
-        self.resid_dropout = nn.Dropout(dropout)
+        self.wq_attn = nn.Linear(d, width, bias=False)
+        self.wk_attn = nn.Linear(d, width, bias=False)
+        self.wq_rel = nn.Linear(d, self.n_relations * self.rel_dim, bias=False)
+        self.wk_rel = self.wq_rel if self.symmetric_rels else nn.Linear(d, self.n_relations * self.rel_dim, bias=False)
+        self.wv = nn.Linear(d, width, bias=False)
+        self.wo = nn.Linear(width, width, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, x, symbols, rope=None):
         B, T, _ = x.shape
@@ -215,15 +203,14 @@ class RelationalAttention(nn.Module):
 class RelationalCrossAttention(nn.Module):
     """Relational cross-attention (RCA): a^g_i = sum_j softmax_j(q^g_i . k^g_j / sqrt(h)) sv^g_j (causal, RoPE)."""
 
-    def __init__(self, d_model, n_heads, dropout, total_heads=None,
-                 use_relative_positional_symbols=False, max_rel_pos=None):
+    def __init__(self, config):
         super().__init__()
-        layout = setup_heads(self, d_model, n_heads, dropout, total_heads, use_relative_positional_symbols, max_rel_pos)
-        self.wq = nn.Linear(d_model, layout.width, bias=False)
-        self.wk = nn.Linear(d_model, layout.width, bias=False)
-        self.wv = nn.Linear(d_model, layout.width, bias=False)
-        self.wo = nn.Linear(layout.width, layout.width, bias=False)
-        self.resid_dropout = nn.Dropout(dropout)
+        d, width = config.d_model, setup_heads(self, config, config.ra)
+        self.wq = nn.Linear(d, width, bias=False)
+        self.wk = nn.Linear(d, width, bias=False)
+        self.wv = nn.Linear(d, width, bias=False)
+        self.wo = nn.Linear(width, width, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, x, symbols, rope=None):
         n = self.n_heads
@@ -253,17 +240,16 @@ class DisentangledRelationalCrossAttention(nn.Module):
 
     OUTER_MAX = 256
 
-    def __init__(self, d_model, n_heads, dropout, total_heads=None,
-                 use_relative_positional_symbols=False, max_rel_pos=None):
+    def __init__(self, config):
         super().__init__()
-        layout = setup_heads(self, d_model, n_heads, dropout, total_heads, use_relative_positional_symbols, max_rel_pos)
-        self.wq_attn = nn.Linear(d_model, layout.width, bias=False)
-        self.wk_attn = nn.Linear(d_model, layout.width, bias=False)
-        self.wq_rel = nn.Linear(d_model, layout.width, bias=False)
-        self.wk_rel = nn.Linear(d_model, layout.width, bias=False)
-        self.wv = nn.Linear(d_model, layout.width, bias=False)
-        self.wo = nn.Linear(layout.width, layout.width, bias=False)
-        self.resid_dropout = nn.Dropout(dropout)
+        d, width = config.d_model, setup_heads(self, config, config.ra)
+        self.wq_attn = nn.Linear(d, width, bias=False)
+        self.wk_attn = nn.Linear(d, width, bias=False)
+        self.wq_rel = nn.Linear(d, width, bias=False)
+        self.wk_rel = nn.Linear(d, width, bias=False)
+        self.wv = nn.Linear(d, width, bias=False)
+        self.wo = nn.Linear(width, width, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, x, symbols, rope=None):
         n, h = self.n_heads, self.head_dim
@@ -290,17 +276,13 @@ RELATIONAL_ATTENTION = {
 
 
 class DualAttention(nn.Module):
-    """concat(self-attention over sa heads, relational attention over ra heads): width (sa + ra) * h = d."""
+    """concat(self-attention over sa heads, relational attention (config.ra_type) over ra heads):
+    width (sa + ra) * h = d."""
 
-    def __init__(self, d_model, n_heads_sa, n_heads_ra, dropout, ra_type="relational_attention", ra_kwargs=None,
-                 max_rel_pos=None):
+    def __init__(self, config):
         super().__init__()
-        if ra_type not in RELATIONAL_ATTENTION:
-            raise ValueError(f"unknown ra_type {ra_type!r}; choose from {sorted(RELATIONAL_ATTENTION)}")
-        total = n_heads_sa + n_heads_ra
-        self.self_attention = Attention(d_model, n_heads_sa, dropout, total_heads=total) if n_heads_sa > 0 else None
-        self.relational_attention = RELATIONAL_ATTENTION[ra_type](
-            d_model, n_heads_ra, dropout, total_heads=total, max_rel_pos=max_rel_pos, **(ra_kwargs or {}))
+        self.self_attention = Attention(config, config.sa) if config.sa > 0 else None
+        self.relational_attention = RELATIONAL_ATTENTION[config.ra_type](config)
 
     def forward(self, x, symbols, rope=None):
         relational = self.relational_attention(x, symbols, rope)

@@ -58,8 +58,7 @@ def peak_flops(device):
 
 def build(cfg, device, seed=0):
     torch.manual_seed(seed)
-    kind, args = M.model_args_from_flags(cfg["flags"])
-    return M.from_reference(kind, args).to(device).train()
+    return M.build_model(M.ModelConfig.from_flags(cfg["flags"])).to(device).train()
 
 
 def step_fn(model, optimizer, device, compile_model, plain):

@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, fields
 from datetime import datetime
 
 import torch
@@ -32,11 +33,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
+import reference
 from tiny_stories_data import BatchLoader, DataError, Tokenizer, eval_batches, tokenizer_path
 
-LLAMA2_VOCAB_SIZE = 32000
-MODEL_FLAGS = ("sa", "ra", "symbol_type", "pos_enc_type", "ra_type", "n_layers", "d_model", "activation",
-               "dropout_rate", "dff", "norm_first", "symmetric_rels", "trainable_symbols", "max_seq_len")
+DERIVED_FIELDS = ("bias", "n_symbols", "symbol_heads", "max_rel_pos")  # ModelConfig fields that are not flags
 PROMPTS = ["Once upon a time,", "There once was a girl named ", "On a rainy day,", "Emma went to", "", "", ""]
 # dense bf16 tensor-core peak FLOP/s, matched by substring of the CUDA device name (first match wins)
 PEAK_FLOPS = [("B200", 2250e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
@@ -96,7 +96,7 @@ def build_parser():
     g.add_argument("--max_seq_len", default=512, type=int, help="context length (block size) of training windows")
     g.add_argument("--arch", default="current", choices=sorted(M.ARCHS),
                    help="current: the authors' code as released; paper: the May 2024 code behind the paper's "
-                        "Tiny Stories numbers (PAPER_ARCH.md). A resumed checkpoint must have the same arch")
+                        "Tiny Stories numbers (see model.ARCHS). A resumed checkpoint must have the same arch")
 
     g = p.add_argument_group("training")
     g.add_argument("--n_epochs", default=-1, type=int,
@@ -160,8 +160,7 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """(flags, kind, model_args). Contradictory flags stop here with `error: ...` and exit code 2 (those that only
-    the model's constructor detects stop when the model is built, also before any data is read)."""
+    """(flags, model config). Contradictory flags stop here with `error: ...` and exit code 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     positive = ["n_layers", "d_model", "max_seq_len", "batch_size", "gradient_accumulation_steps", "eval_interval",
@@ -179,24 +178,14 @@ def parse_args(argv=None):
         parser.error(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must be divisible by the "
                      f"number of DDP processes ({world_size})")
     try:
-        kind, model_args = model_spec(args)
+        config = M.ModelConfig.from_flags(args)
     except ValueError as e:
         parser.error(str(e))
-    return args, kind, model_args
+    return args, config
 
 
 # -----------------------------------------------------------------------------
 # model, optimizer, learning rate
-
-def model_vocab_size(args):
-    return args.vocab_size or LLAMA2_VOCAB_SIZE
-
-
-def model_spec(args):
-    """(kind, model_args) of the reference constructor for these flags; ValueError if they contradict each other."""
-    flags = {name: getattr(args, name) for name in MODEL_FLAGS}
-    return M.model_args_from_flags(dict(flags, vocab_size=model_vocab_size(args)), arch=args.arch)
-
 
 def run_name(args):
     """The reference's run name: the model's main flags, then `__` and a timestamp."""
@@ -344,17 +333,18 @@ def find_checkpoint(args):
     return max(found, key=os.path.getmtime)
 
 
-def check_checkpoint_model(ckpt, kind, model_args, arch):
+def check_checkpoint_model(ckpt, config):
     """Refuse flags that describe another model than the checkpoint's (only the dropout rate may differ)."""
-    ckpt_kind, ckpt_arch = M.checkpoint_kind_and_arch(ckpt)
-    if ckpt_arch != arch:
-        raise RunError(f"the checkpoint is --arch {ckpt_arch}, the flags say --arch {arch}: pass --arch {ckpt_arch}",
-                       code=2)
-    ours_kind, ours = M.paper_args_to_current(kind, model_args)  # compare under today's argument names
-    theirs_kind, theirs = M.paper_args_to_current(ckpt_kind, ckpt["model_args"])
-    ours, theirs = dict(ours, kind=ours_kind), dict(theirs, kind=theirs_kind)
-    differ = [f"{k} {theirs.get(k)!r} (flags: {ours.get(k)!r})" for k in sorted(ours.keys() | theirs.keys())
-              if k != "dropout_rate" and ours.get(k) != theirs.get(k)]
+    try:
+        theirs = reference.config_from_checkpoint(ckpt)
+    except ValueError as e:
+        raise RunError(f"the checkpoint's model: {e}") from None
+    if theirs.arch != config.arch:
+        raise RunError(f"the checkpoint is --arch {theirs.arch}, the flags say --arch {config.arch}: pass --arch "
+                       f"{theirs.arch}", code=2)
+    differ = [f"{'' if name in DERIVED_FIELDS else '--'}{name} {getattr(theirs, name)!r} "
+              f"(flags: {getattr(config, name)!r})" for name in (f.name for f in fields(config))
+              if name != "dropout_rate" and getattr(theirs, name) != getattr(config, name)]
     if differ:
         raise RunError("the flags describe another model than the checkpoint's: " + "; ".join(differ), code=2)
 
@@ -498,16 +488,17 @@ def generate_samples(model, tokenizer, args, device):
 # the run
 
 def main(argv=None):
-    args, kind, model_args = parse_args(argv)
+    args, config = parse_args(argv)
     try:
-        return train(args, kind, model_args)
+        return train(args, config)
     except (RunError, DataError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return getattr(e, "code", 1)
 
 
-def train(args, kind, model_args):
+def train(args, config):
     """Set up (device, checkpoint, model, data, optimizer), then evaluate only, or train and sample."""
+    kind, model_args = reference.reference_args(config)  # what checkpoints record, in the authors' names
     device, rank, world_size = setup_device(args)
     log = Logger(master=rank == 0)
     dtype = resolve_dtype(args, device)
@@ -517,21 +508,17 @@ def train(args, kind, model_args):
         ckpt_path = find_checkpoint(args)
         log.print(f"resuming from {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        check_checkpoint_model(ckpt, kind, model_args, args.arch)
+        check_checkpoint_model(ckpt, config)
     torch.manual_seed(args.seed + rank)
     if ckpt is None:
-        try:
-            raw_model = M.from_reference(kind, model_args, arch=args.arch)
-        except ValueError as e:  # flags only the constructor refuses (e.g. a width not divisible by the heads)
-            raise RunError(str(e), code=2) from None
+        raw_model = M.build_model(config)
     else:  # the checkpoint's weights, with this run's dropout rate
-        raw_model = M.model_from_checkpoint(dict(ckpt, model_args=dict(ckpt["model_args"],
-                                                                       dropout_rate=args.dropout_rate)))
+        raw_model = reference.model_from_checkpoint(ckpt, dropout_rate=config.dropout_rate)
     raw_model.to(device).train()
     log.print(f"{kind} ({args.arch}): {raw_model.num_params():,} parameters")
     tokenizer = Tokenizer(tokenizer_path(args.vocab_size, args.data_dir))
-    if tokenizer.n_words != model_vocab_size(args):
-        raise RunError(f"{tokenizer.model_path} has {tokenizer.n_words} tokens, the model {model_vocab_size(args)}")
+    if tokenizer.n_words != config.vocab_size:
+        raise RunError(f"{tokenizer.model_path} has {tokenizer.n_words} tokens, the model {config.vocab_size}")
     loader = BatchLoader("train", args.batch_size, args.max_seq_len, args.vocab_size, args.data_dir, device,
                          seed=args.seed, rank=rank)
 
@@ -550,14 +537,16 @@ def train(args, kind, model_args):
     if log.master:
         run_dir = os.path.dirname(ckpt_path) if ckpt_path else new_run_dir(args)
         n_params, n_embedding = raw_model.num_params(), raw_model.layers.token_embedder.weight.numel()
-        config = dict(vars(args), device=str(device), dtype=dtype, kind=kind, arch=args.arch, model_args=model_args,
-                      world_size=world_size, tokens_per_iter=trainer.tokens_per_step, total_steps=total_steps,
-                      n_params=n_params, n_params_wo_embedding=n_params - n_embedding,
-                      run_name=os.path.basename(run_dir), run_dir=run_dir)
+        run_config = dict(vars(args), device=str(device), dtype=dtype, kind=kind, arch=args.arch,
+                          model_args=model_args, model_config=asdict(config), world_size=world_size,
+                          tokens_per_iter=trainer.tokens_per_step, total_steps=total_steps, n_params=n_params,
+                          n_params_wo_embedding=n_params - n_embedding, run_name=os.path.basename(run_dir),
+                          run_dir=run_dir)
         log.print(f"run directory {run_dir}")
         log.open(run_dir)
-        trainer.config = config
-        trainer.wandb_run_id = log.start_wandb(args, config["run_name"], run_dir, config, trainer.wandb_run_id)
+        trainer.config = run_config
+        trainer.wandb_run_id = log.start_wandb(args, run_config["run_name"], run_dir, run_config,
+                                               trainer.wandb_run_id)
     exit_code = trainer.run(total_steps, run_dir)
     trainer.finish()
     if exit_code == 0 and log.master:

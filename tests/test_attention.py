@@ -7,9 +7,11 @@ import torch
 import attention
 from attention import (DisentangledRelationalCrossAttention, DualAttention, RelationalAttention,
                        RelationalCrossAttention, apply_rope, rope_tables, skew_causal)
+from model import ModelConfig
 from plain_attention import PLAIN_FORWARDS, use_plain_attention
 
 RELATIONAL = [RelationalAttention, RelationalCrossAttention, DisentangledRelationalCrossAttention]
+RA_TYPES = {cls: ra_type for ra_type, cls in attention.RELATIONAL_ATTENTION.items()}
 
 
 def randomise(module, generator):
@@ -19,9 +21,15 @@ def randomise(module, generator):
             p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) / max(p.shape[-1], 1) ** 0.5)
 
 
-def build(cls, d, n, total, relative, max_rel_pos, **kwargs):
-    module = cls(d, n, dropout=0.0, total_heads=total, use_relative_positional_symbols=relative,
-                 max_rel_pos=max_rel_pos, **kwargs).double()
+def config(d, n, total, relative=False, max_rel_pos=None, ra_type="relational_attention", **fields):
+    """n relational heads of a model with `total` heads (the rest self-attention), dropout 0."""
+    return ModelConfig(sa=total - n, ra=n, d_model=d, n_layers=1, pos_enc_type="pos_emb", ra_type=ra_type,
+                       symbol_type="position_relative" if relative else "symbolic_attention",
+                       max_rel_pos=max_rel_pos if relative else None, symbol_heads=1, dropout_rate=0.0, **fields)
+
+
+def build(cls, d, n, total, relative, max_rel_pos, **fields):
+    module = cls(config(d, n, total, relative, max_rel_pos, RA_TYPES[cls], **fields)).double()
     randomise(module, torch.Generator().manual_seed(0))
     return module
 
@@ -88,7 +96,7 @@ def test_symmetric_relations_share_one_map():
 
 def test_relation_width_can_differ_from_head_width():
     """The paper-era RA uses d_r = d // ra relations: 30 // 4 = 7 here, with head width 3."""
-    module = build(RelationalAttention, 30, 4, 10, False, 8, rel_dim=7)
+    module = build(RelationalAttention, 30, 4, 10, False, 8, arch="paper")
     assert module.wq_rel.weight.shape == (4 * 7, 30)
     x, symbols = inputs(2, 6, 30, False, 8, torch.Generator().manual_seed(4))
     assert torch.allclose(module(x, symbols), PLAIN_FORWARDS[RelationalAttention](module, x, symbols),
@@ -127,7 +135,7 @@ def test_rope_rotates_consecutive_pairs():
 
 
 def test_dual_attention_concatenates_self_attention_first():
-    dual = DualAttention(24, 1, 2, dropout=0.0, ra_type="rca").double().eval()
+    dual = DualAttention(config(24, 2, 3, ra_type="rca")).double().eval()
     x = torch.randn(2, 5, 24, dtype=torch.float64)
     symbols = torch.randn(2, 5, 24, dtype=torch.float64)
     out = dual(x, symbols)
@@ -137,11 +145,11 @@ def test_dual_attention_concatenates_self_attention_first():
 
 
 def test_dual_attention_without_self_attention_heads():
-    dual = DualAttention(24, 0, 3, dropout=0.0)
+    dual = DualAttention(config(24, 3, 3))
     assert dual.self_attention is None
     assert dual(torch.randn(1, 4, 24), torch.randn(1, 4, 24)).shape == (1, 4, 24)
 
 
 def test_unknown_relational_type_is_rejected():
-    with pytest.raises(ValueError, match="unknown ra_type"):
-        DualAttention(24, 1, 2, dropout=0.0, ra_type="nonsense")
+    with pytest.raises(ValueError, match="--ra_type relational_attention, rca or disrca"):
+        config(24, 2, 3, ra_type="nonsense")

@@ -1,5 +1,5 @@
-"""model.py: parity with the authors' implementation (HEAD and paper era), causality, generation, errors,
-initialisation, FLOP counts, checkpoint loading, and the paper-era parameter counts."""
+"""model.py: the config and its validation, causality, generation, errors, initialisation, FLOP counts, and the
+paper-era parameter counts (parity with the authors' outputs: tests/test_reference.py)."""
 
 import csv
 import math
@@ -10,72 +10,7 @@ import torch
 
 import model as M
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PAPER_LOGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "paper_logs" / "tiny_stories_run_histories.csv"
-PARITY = sorted((FIXTURES / "parity").glob("*.pt"))
-PARITY_PAPER = sorted((FIXTURES / "parity_paper").glob("*.pt"))
-
-
-def load_fixture(path):
-    return torch.load(path, weights_only=False)
-
-
-def flags_of(fixture):
-    cli = dict(fixture["cli"])
-    return dict(cli, vocab_size=cli.pop("vocab"), max_seq_len=cli.pop("block"))
-
-
-# -----------------------------------------------------------------------------
-# parity with the authors' outputs
-
-@pytest.mark.parametrize("path,arch", [(p, "current") for p in PARITY] + [(p, "paper") for p in PARITY_PAPER],
-                         ids=[p.stem for p in PARITY] + [f"paper-{p.stem}" for p in PARITY_PAPER])
-def test_parity_fixture(path, arch):
-    fixture = load_fixture(path)
-    model = M.from_reference(fixture["kind"], fixture["model_args"], fixture["state_dict"], arch=arch)
-    assert not model.training
-    logits, loss = model(fixture["idx"], fixture["targets"])
-    assert logits.shape == fixture["logits"].shape
-    assert (logits - fixture["logits"]).abs().max().item() <= 1e-4
-    assert abs(loss.item() - float(fixture["loss"])) <= 1e-4
-    assert sum(p.numel() for p in model.parameters()) == fixture["n_params"]
-
-
-@pytest.mark.parametrize("path,arch", [(p, "current") for p in PARITY] + [(p, "paper") for p in PARITY_PAPER],
-                         ids=[p.stem for p in PARITY] + [f"paper-{p.stem}" for p in PARITY_PAPER])
-def test_flags_map_to_the_reference_constructor(path, arch):
-    fixture = load_fixture(path)
-    kind, args = M.model_args_from_flags(flags_of(fixture), arch=arch)
-    assert kind == fixture["kind"]
-    assert args == fixture["model_args"]
-
-
-def test_parity_holds_for_a_prefix():
-    """A sequence shorter than the block: logits equal the fixture's first positions."""
-    fixture = load_fixture(FIXTURES / "parity" / "ra_posrel_rope.pt")
-    model = M.from_reference(fixture["kind"], fixture["model_args"], fixture["state_dict"])
-    logits, _ = model(fixture["idx"][:, :17])
-    assert (logits - fixture["logits"][:, :17]).abs().max().item() <= 1e-4
-
-
-def test_reference_state_dict_with_wrong_shapes_is_refused():
-    fixture = load_fixture(FIXTURES / "parity" / "tf_rope.pt")
-    args = dict(fixture["model_args"], d_model=32, n_heads=2)
-    with pytest.raises(ValueError, match="does not fit"):
-        M.from_reference(fixture["kind"], args, fixture["state_dict"])
-
-
-def test_checkpoints_of_either_arch_load_with_inferred_kind():
-    for path, arch in ((FIXTURES / "parity" / "disrca_symattn_rope.pt", "current"),
-                       (FIXTURES / "parity_paper" / "ra_posrel_rope.pt", "paper"),
-                       (FIXTURES / "parity_paper" / "tf_rope.pt", "paper")):
-        fixture = load_fixture(path)
-        state = {f"_orig_mod.{k}": v for k, v in fixture["state_dict"].items()}
-        ckpt = dict(model=state, model_args=fixture["model_args"])
-        assert M.checkpoint_kind_and_arch(ckpt) == (fixture["kind"], arch)
-        logits, _ = M.model_from_checkpoint(ckpt)(fixture["idx"])
-        assert (logits - fixture["logits"]).abs().max().item() <= 1e-4
-
 
 # -----------------------------------------------------------------------------
 # every attention and symbol type
@@ -95,8 +30,7 @@ VARIANTS = [dict(ra=0, sa=4)] + [
 
 
 def build(flags, arch="current"):
-    kind, args = M.model_args_from_flags(flags, arch=arch)
-    return M.from_reference(kind, args, arch=arch)
+    return M.build_model(M.ModelConfig.from_flags(dict(flags, arch=arch))).eval()
 
 
 @pytest.mark.parametrize("arch", ["current", "paper"])
@@ -328,3 +262,35 @@ def test_paper_parameter_counts_equal_the_logged_runs():
         table_rows += d <= 128
     assert table_rows >= 37
     assert len(mismatches) == 1 and mismatches[0].startswith("sa=8; d=512; L=8;"), mismatches
+
+
+# -----------------------------------------------------------------------------
+# the config
+
+def test_config_derives_the_widths_once():
+    config = M.ModelConfig.from_flags(small_flags(d_model=48, sa=1, ra=3, activation="gelu"))
+    assert (config.n_heads, config.head_dim, config.d_ff, config.n_relations, config.rel_dim) == (4, 12, 192, 3, 12)
+    assert M.ModelConfig.from_flags(dict(small_flags(d_model=48, sa=1, ra=3), arch="paper")).rel_dim == 16
+    assert M.ModelConfig.from_flags(small_flags(d_model=48)).d_ff == 128  # int(2/3 * 4 * 48)
+    assert config.kind == "DualAttnTransformerLM" and config.n_symbols == 16 and config.max_rel_pos is None
+
+
+def test_config_resets_what_does_not_apply():
+    """Equal configs build equal models: the Transformer ignores symbol and relational flags, only RA has
+    symmetric relations, position-relative symbols have no library."""
+    transformer = M.ModelConfig.from_flags(small_flags(ra=0, sa=4, symmetric_rels=1))
+    assert transformer == M.ModelConfig.from_flags(dict(small_flags(ra=0, sa=4), symbol_type="NA", ra_type="NA"))
+    assert transformer.kind == "TransformerLM"
+    assert not M.ModelConfig.from_flags(small_flags(ra_type="rca", symmetric_rels=1)).symmetric_rels
+    relative = M.ModelConfig.from_flags(small_flags(symbol_type="position_relative", trainable_symbols=0))
+    assert (relative.max_rel_pos, relative.n_symbols, relative.trainable_symbols) == (16, None, True)
+
+
+def test_a_config_builds_only_its_kind():
+    with pytest.raises(ValueError, match="cannot build a TransformerLM"):
+        M.TransformerLM(M.ModelConfig.from_flags(small_flags()))
+
+
+def test_missing_flags_are_named():
+    with pytest.raises(ValueError, match="missing flags: --d_model"):
+        M.ModelConfig.from_flags(dict(sa=1, ra=0, n_layers=1, pos_enc_type="RoPE"))

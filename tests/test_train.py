@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import model as M
+import reference as R
 import tiny_stories_data as D
 import train
 
@@ -254,12 +254,12 @@ def test_checkpoint_format(data_dir, tmp_path, capsys):
                          "loader", "rng", "wandb_run_id"}
     assert (ckpt["kind"], ckpt["arch"], ckpt["iter_num"], ckpt["wandb_run_id"]) == \
         ("DualAttnTransformerLM", "current", 2, None)
-    reference = M.from_reference(ckpt["kind"], ckpt["model_args"])  # reference keys, no _orig_mod./module. prefix
+    reference = R.from_reference(ckpt["kind"], ckpt["model_args"])  # reference keys, no _orig_mod./module. prefix
     assert list(ckpt["model"]) == list(reference.state_dict())
     assert ckpt["config"]["d_model"] == 32 and ckpt["config"]["run_name"] == os.path.basename(the_run_dir(tmp_path))
     assert len(ckpt["loader"]) == len(ckpt["rng"]) == 1
     assert not glob.glob(os.path.join(glob.escape(the_run_dir(tmp_path)), "*.tmp"))
-    model = M.model_from_checkpoint(ckpt)
+    model = R.model_from_checkpoint(ckpt)
     assert sum(p.numel() for p in model.parameters()) == ckpt["config"]["n_params"]
 
 
@@ -296,7 +296,7 @@ def test_paper_arch_decays_every_matrix_and_resumes(data_dir, tmp_path, capsys):
     run_dir = the_run_dir(tmp_path)
     ckpt = load_ckpt(run_dir)
     assert (ckpt["arch"], ckpt["kind"], ckpt["config"]["arch"]) == ("paper", "AbstractTransformerLM", "paper")
-    model = M.model_from_checkpoint(ckpt)
+    model = R.model_from_checkpoint(ckpt)
     assert model.layers.final_out.weight is not model.layers.token_embedder.weight
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay, no_decay = ckpt["optimizer"]["param_groups"]
@@ -363,9 +363,9 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tm
 def reference_checkpoint(path, flags):
     """A checkpoint as the authors' train.py writes it (no kind/arch/loader/rng; keys of a compiled model; the
     optimizer grouped as theirs: trainable tensors with >= 2 dims decay, in named_parameters order), 3 steps in."""
-    kind, model_args = M.model_args_from_flags(flags)
+    kind, model_args = R.model_args_from_flags(flags)
     torch.manual_seed(0)
-    model = M.from_reference(kind, model_args).train()
+    model = R.from_reference(kind, model_args).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],

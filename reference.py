@@ -1,0 +1,206 @@
+"""
+The one boundary to the authors' code: their constructor keyword arguments (`model_args`, as their train.py
+builds them and stores them in checkpoints) of both eras, their state-dict names, and checkpoint loading.
+Nothing else in the project uses their names; inside, a model is a ModelConfig (model.py).
+
+    model_args_from_flags(flags, arch)  train.py flags -> (kind, model_args), exactly as the authors' train.py
+    from_reference(kind, model_args, state_dict, arch)  their (kind, model_args) [+ weights] -> our model
+    model_from_checkpoint(ckpt)         a checkpoint of theirs or ours, either arch -> our model
+
+The paper era (May 2024, arch 'paper') names the DAT 'AbstractTransformerLM', its relational heads `n_heads_rca`
+(`rca_kwargs`, `rca_type` in {disentangled_v2, standard, disentangled_v1}), its symbols sym_attn/pos_relative,
+keeps one `symbol_retriever` and an output-layer alias in its state dict, and stores W_r as a Linear.
+"""
+
+from dataclasses import replace
+
+from model import ModelConfig, build_model
+
+PAPER_KIND = "AbstractTransformerLM"
+PAPER_RA_TYPES = {"disentangled_v2": "relational_attention", "standard": "rca", "disentangled_v1": "disrca"}
+PAPER_SYMBOL_TYPES = {"sym_attn": "symbolic_attention", "pos_relative": "position_relative"}
+PAPER_ARG_NAMES = {"n_heads_ra": "n_heads_rca", "ra_kwargs": "rca_kwargs", "ra_type": "rca_type"}
+
+# the authors' constructors: argument -> default (None: required)
+COMMON_ARGS = dict(vocab_size=None, d_model=None, n_layers=None, dff=None, dropout_rate=None, activation=None,
+                   norm_first=None, max_block_size=None, bias=True, pos_enc_type="pos_emb")
+CONSTRUCTOR_ARGS = {
+    "TransformerLM": dict(COMMON_ARGS, n_heads=None),
+    "DualAttnTransformerLM": dict(COMMON_ARGS, n_heads_sa=None, n_heads_ra=None, symbol_retrieval_kwargs=None,
+                                  ra_kwargs={}, ra_type="relational_attention",
+                                  symbol_retrieval="symbolic_attention"),
+}
+OPTIONAL = {"dff"}  # required by position in the authors' signature, but None is its value
+
+
+# -----------------------------------------------------------------------------
+# model_args <-> ModelConfig
+
+def reference_args(config):
+    """ModelConfig -> (kind, model_args) of the authors' constructor, in the era of config.arch."""
+    common = dict(vocab_size=config.vocab_size, d_model=config.d_model, n_layers=config.n_layers, dff=config.dff,
+                  pos_enc_type=config.pos_enc_type, dropout_rate=config.dropout_rate, activation=config.activation,
+                  norm_first=config.norm_first, max_block_size=config.max_seq_len, bias=config.bias)
+    if config.ra == 0:
+        return "TransformerLM", dict(common, n_heads=config.sa)
+    ra_kwargs = {}
+    if config.relative_symbols:
+        ra_kwargs["use_relative_positional_symbols"] = True
+        symbol_kwargs = dict(symbol_dim=config.d_model, max_rel_pos=config.max_rel_pos)
+    else:
+        symbol_kwargs = dict(d_model=config.d_model, n_symbols=config.n_symbols, n_heads=config.symbol_heads,
+                             trainable_symbols=config.trainable_symbols)
+    if config.ra_type == "relational_attention":
+        ra_kwargs["symmetric_rels"] = config.symmetric_rels
+    args = dict(common, n_heads_sa=config.sa, n_heads_ra=config.ra, ra_kwargs=ra_kwargs, ra_type=config.ra_type,
+                symbol_retrieval=config.symbol_type, symbol_retrieval_kwargs=symbol_kwargs)
+    if config.arch == "paper":
+        return to_paper_names(args)
+    return "DualAttnTransformerLM", args
+
+
+def config_from_reference(kind, model_args, arch="current"):
+    """The authors' (kind, model_args) -> ModelConfig; ValueError for what their constructors would refuse.
+    arch='paper' also accepts the paper-era names."""
+    if arch == "paper" and kind == PAPER_KIND:
+        kind, model_args = from_paper_names(model_args)
+    if kind not in CONSTRUCTOR_ARGS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(CONSTRUCTOR_ARGS)}")
+    expected = CONSTRUCTOR_ARGS[kind]
+    unknown = sorted(set(model_args) - set(expected))
+    missing = sorted(k for k, v in expected.items() if v is None and k not in model_args and k not in OPTIONAL)
+    if unknown or missing:
+        raise ValueError(f"{kind} arguments: " + "; ".join(f"{label} {', '.join(keys)}" for label, keys in
+                                                       (("unknown", unknown), ("missing", missing)) if keys))
+    a = {**expected, **model_args}
+    common = dict(vocab_size=a["vocab_size"], d_model=a["d_model"], n_layers=a["n_layers"], dff=a["dff"],
+                  dropout_rate=a["dropout_rate"], activation=a["activation"], norm_first=bool(a["norm_first"]),
+                  max_seq_len=a["max_block_size"], bias=bool(a["bias"]), pos_enc_type=a["pos_enc_type"], arch=arch)
+    if kind == "TransformerLM":
+        return ModelConfig(sa=a["n_heads"], ra=0, **common)
+    if a["n_heads_ra"] <= 0:
+        raise ValueError(f"a DAT needs n_heads_ra > 0 (got {a['n_heads_ra']})")
+    symbol_type, ra_kwargs, symbols = a["symbol_retrieval"], dict(a["ra_kwargs"] or {}), a["symbol_retrieval_kwargs"]
+    if ra_kwargs.pop("use_relative_positional_symbols", False) != (symbol_type == "position_relative"):
+        raise ValueError("use_relative_positional_symbols must be set exactly when symbols are position-relative")
+    symmetric_rels = bool(ra_kwargs.pop("symmetric_rels", False))
+    if ra_kwargs:
+        raise ValueError(f"unknown ra_kwargs {sorted(ra_kwargs)}")
+    if symbol_type == "symbolic_attention":
+        symbol_fields = dict(n_symbols=symbols["n_symbols"], symbol_heads=symbols.get("n_heads", 4),
+                             trainable_symbols=bool(symbols.get("trainable_symbols", True)))
+        width = symbols["d_model"]
+    elif symbol_type == "position_relative":
+        symbol_fields, width = dict(max_rel_pos=symbols["max_rel_pos"]), symbols["symbol_dim"]
+    else:
+        raise ValueError(f"unknown symbol_retrieval {symbol_type!r}; choose symbolic_attention or position_relative")
+    if width != a["d_model"]:
+        raise ValueError(f"symbols of width {width} for a model of width d_model={a['d_model']}")
+    return ModelConfig(sa=a["n_heads_sa"], ra=a["n_heads_ra"], symbol_type=symbol_type, ra_type=a["ra_type"],
+                       symmetric_rels=symmetric_rels, **symbol_fields, **common)
+
+
+def to_paper_names(model_args):
+    """Today's DualAttnTransformerLM arguments -> the paper era's, as the paper-era train.py stored them."""
+    ra_types = {v: k for k, v in PAPER_RA_TYPES.items()}
+    symbol_types = {v: k for k, v in PAPER_SYMBOL_TYPES.items()}
+    args = {PAPER_ARG_NAMES.get(k, k): v for k, v in model_args.items()}
+    args["rca_type"] = ra_types[args["rca_type"]]
+    args["symbol_retrieval"] = symbol_types[args["symbol_retrieval"]]
+    return PAPER_KIND, args
+
+
+def from_paper_names(model_args):
+    """The paper era's AbstractTransformerLM arguments -> today's DualAttnTransformerLM ones."""
+    today = {v: k for k, v in PAPER_ARG_NAMES.items()}
+    args = {today.get(k, k): v for k, v in model_args.items()}
+    args["ra_type"] = PAPER_RA_TYPES[args.get("ra_type", "disentangled_v2")]
+    args["symbol_retrieval"] = PAPER_SYMBOL_TYPES[args.get("symbol_retrieval", "sym_attn")]
+    return "DualAttnTransformerLM", args
+
+
+def model_args_from_flags(flags, arch="current"):
+    """train.py flags (a dict or Namespace: sa, ra, symbol_type, pos_enc_type, ra_type, n_layers, d_model,
+    activation, dropout_rate, dff, norm_first, symmetric_rels, trainable_symbols, max_seq_len, vocab_size) ->
+    (kind, model_args) exactly as the authors' train.py builds them (arch='paper': the paper-era kind and names).
+    ValueError when the flags contradict each other."""
+    flags = dict(flags if isinstance(flags, dict) else vars(flags), arch=arch)
+    return reference_args(ModelConfig.from_flags(flags))
+
+
+# -----------------------------------------------------------------------------
+# weights and checkpoints
+
+def from_reference(kind, model_args, state_dict=None, arch="current"):
+    """Our model for the authors' (kind, model_args), with their state_dict (their key names, either era) loaded
+    when given, in eval mode."""
+    config = config_from_reference(kind, model_args, arch)
+    return model_with_weights(config, state_dict)
+
+
+def model_with_weights(config, state_dict=None):
+    model = build_model(config)
+    if state_dict is not None:
+        if config.arch == "paper":
+            state_dict = paper_state_dict_to_current(state_dict, config.n_layers, config.ra)
+        load_state_dict(model, state_dict)
+    return model.eval()
+
+
+def load_state_dict(model, state_dict):
+    """Load weights, with a one-line error naming the mismatch when they do not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise ValueError("checkpoint does not fit this model (" + "; ".join(parts) + ")")
+    model.load_state_dict(state_dict)
+
+
+def paper_state_dict_to_current(state_dict, n_layers, n_heads_ra):
+    """Paper-era keys -> ours: drop the `token_embedder.weights.*` aliases of the output layer, repeat the
+    shared `symbol_retriever` per layer, rename abstract_attn/relational_cross_attention, view W_r's
+    Linear weight (ra*h, n_r) as (ra, h, n_r). Keys already in our layout (our own --arch paper
+    checkpoints store our module names next to the paper-era model_args) pass through unchanged."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("layers.token_embedder.weights."):
+            continue
+        key = key.replace(".abstract_attn.", ".dual_attn.").replace(".relational_cross_attention.",
+                                                                     ".relational_attention.")
+        if key.endswith("relational_attention.wr.weight"):
+            key, value = key.removesuffix(".weight"), value.view(n_heads_ra, -1, value.size(1))
+        if key.startswith("layers.symbol_retriever."):
+            for layer in range(n_layers):
+                out[key.replace("layers.symbol_retriever.", f"layers.symbol_retrievers.{layer}.")] = value
+            continue
+        out[key] = value
+    return out
+
+
+def checkpoint_kind_and_arch(ckpt):
+    """(kind, arch) of a checkpoint: ours record them; the authors' train.py stores only model_args, so the kind
+    follows from the head arguments and the arch from the state dict (the paper era has an output bias and no
+    final LayerNorm)."""
+    args, state = ckpt["model_args"], ckpt["model"]
+    kind = ckpt.get("kind") or ("TransformerLM" if "n_heads" in args else
+                                PAPER_KIND if "n_heads_rca" in args else "DualAttnTransformerLM")
+    keys = {k.removeprefix("_orig_mod.").removeprefix("module.") for k in state}
+    paper = "layers.final_out.bias" in keys and "layers.norm.weight" not in keys
+    return kind, ckpt.get("arch") or ("paper" if paper else "current")
+
+
+def config_from_checkpoint(ckpt):
+    kind, arch = checkpoint_kind_and_arch(ckpt)
+    return config_from_reference(kind, ckpt["model_args"], arch)
+
+
+def model_from_checkpoint(ckpt, **changes):
+    """Our model with a checkpoint's weights (ours or the authors', either arch), in eval mode. `changes` replace
+    config fields that leave the weights as they are (train.py resumes with its own dropout_rate)."""
+    config = replace(config_from_checkpoint(ckpt), **changes)
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    return model_with_weights(config, state)
