@@ -8,9 +8,11 @@ Symbols reach the relational modules in one of two forms:
   - position-relative, a table E of shape (2M+1, d): the value sender j gives receiver i is
     sv_ij = W_v E[clip(j - i, -M, M) + M]. W_v is applied to the table (never to a T x T x d tensor)
     and the attention weights are re-indexed by offset ("skewed") before one matmul with it.
-"""
 
-import math
+Each relational module also has its plain formulation (`plain_forward`), every quantity of the formulas
+materialised as the authors' code computes them; `module.plain = True` switches forward to it (the oracle of
+the fast paths, and the "plain" side of bench.py). Every module counts its own FLOPs (`forward_flops`).
+"""
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +119,11 @@ def setup_heads(module, config, n_heads):
     return n_heads * config.head_dim
 
 
+def linear_flops(module):
+    """Forward FLOPs per token of the nn.Linear maps inside module (2 per weight; a shared map counted once)."""
+    return sum(2 * m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
 # -----------------------------------------------------------------------------
 # self-attention (sensory heads)
 
@@ -142,11 +149,61 @@ class Attention(nn.Module):
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.wo(merge_heads(out)))
 
+    def forward_flops(self, T):
+        """Forward FLOPs of one sequence of T tokens: the linear maps, then q k^T and probs @ v over all T keys."""
+        return T * linear_flops(self) + 4 * T * T * self.n_heads * self.head_dim
+
 
 # -----------------------------------------------------------------------------
 # relational heads
 
-class RelationalAttention(nn.Module):
+class RelationalHeads(nn.Module):
+    """What the relational modules share: forward runs the fast path (`fast_forward`), or with `plain = True`
+    the plain formulation (`plain_forward`, which also returns the materialised weights: 'alpha' (B, n, T, T),
+    and 'relations' (B, T, T, n_r) for RA, 'rho' (B, n, T, T) for DisRCA, all before dropout)."""
+
+    plain = False
+
+    def forward(self, x, symbols, rope=None):
+        if self.plain:
+            return self.plain_forward(x, symbols, rope)[0]
+        return self.fast_forward(x, symbols, rope)
+
+    def drop_weights(self, w):
+        return F.dropout(w, self.dropout, self.training)
+
+    def symbol_flops(self, T):
+        """W_v on the symbols of T tokens, or once on the (2M+1)-row table of position-relative symbols."""
+        if self.max_rel_pos is None:
+            return T * linear_flops(self.wv)
+        return linear_flops(self.wv) * (2 * self.max_rel_pos + 1)
+
+    def token_flops(self, T):
+        """The linear maps of the tokens (all but W_v) and of the symbols."""
+        return T * (linear_flops(self) - linear_flops(self.wv)) + self.symbol_flops(T)
+
+
+def pair_symbol_values(module, symbols, T):
+    """Plain symbol values per (receiver, sender) pair: W_v s_j as (B, 1, T, n, h), broadcast over receivers i,
+    or the gathered relative symbols W_v E[clip(j - i, -M, M) + M] as a (T, T, n, h) tensor."""
+    n = module.n_heads
+    if module.max_rel_pos is None:
+        return module.wv(symbols).unflatten(-1, (n, -1)).unsqueeze(1)  # (B, 1, T, n, h)
+    M = module.max_rel_pos
+    i = torch.arange(T, device=symbols.device).unsqueeze(1)
+    j = torch.arange(T, device=symbols.device).unsqueeze(0)
+    gathered = symbols[(j - i).clamp(-M, M) + M]  # (T, T, d)
+    return module.wv(gathered).unflatten(-1, (n, -1))  # (T, T, n, h)
+
+
+def attend_pairs(w, sv):
+    """sum_j w[b, n, i, j] sv[(b,) i, j, n, h] -> (B, n, T, h)."""
+    if sv.dim() == 5:
+        return torch.einsum("bnij,bxjnh->bnih", w, sv)
+    return torch.einsum("bnij,ijnh->bnih", w, sv)
+
+
+class RelationalAttention(RelationalHeads):
     """Relational attention (RA). For head g and receiver i:
 
         alpha^g = causal softmax(q^g_i . k^g_j / sqrt(h))                 (selection, RoPE on q, k)
@@ -175,7 +232,7 @@ class RelationalAttention(nn.Module):
         self.wo = nn.Linear(width, width, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, x, symbols, rope=None):
+    def fast_forward(self, x, symbols, rope=None):
         B, T, _ = x.shape
         n, n_r, d_r = self.n_heads, self.n_relations, self.rel_dim
         q = apply_rope(split_heads(self.wq_attn(x), n), rope)  # (B, n, T, h)
@@ -199,8 +256,31 @@ class RelationalAttention(nn.Module):
         out = attended_symbols + torch.einsum("bgtl,gdl->bgtd", attended_relations, self.wr)  # (B, n, T, h)
         return self.resid_dropout(self.wo(merge_heads(out)))
 
+    def plain_forward(self, x, symbols, rope=None):
+        """a_i^g = sum_j alpha^g_ij (sv^g_j + W_r[g] r_ij), with the (B, T, T, n_r) relations and the
+        (B, T, T, n, h) projected relations materialised."""
+        n, n_r, T = self.n_heads, self.n_relations, x.size(1)
+        q = apply_rope(split_heads(self.wq_attn(x), n), rope)
+        k = apply_rope(split_heads(self.wk_attn(x), n), rope)
+        alpha = causal_softmax(q, k, self.head_dim ** -0.5)  # (B, n, T, T)
+        q_rel = self.wq_rel(x).unflatten(-1, (n_r, -1))  # (B, T, n_r, d_r)
+        k_rel = self.wk_rel(x).unflatten(-1, (n_r, -1))
+        relations = torch.einsum("bild,bjld->bijl", q_rel, k_rel) * self.rel_dim ** -0.5  # (B, T, T, n_r)
+        projected = torch.einsum("bijl,nhl->bijnh", relations, self.wr)  # (B, T, T, n, h)
+        w = self.drop_weights(alpha)
+        out = attend_pairs(w, pair_symbol_values(self, symbols, T)) + torch.einsum("bnij,bijnh->bnih", w, projected)
+        return self.resid_dropout(self.wo(merge_heads(out))), {"alpha": alpha, "relations": relations}
 
-class RelationalCrossAttention(nn.Module):
+    def forward_flops(self, T):
+        """Forward FLOPs of one sequence of T tokens: the linear maps, selection scores and symbol aggregation
+        (4 T h per head and token), the n_r relations with every key (2 T n_r d_r), their aggregation
+        (2 T n_r per head) and W_r (2 h n_r per head)."""
+        n, n_r = self.n_heads, self.n_relations
+        per_token = 4 * T * n * self.head_dim + 2 * T * n_r * self.rel_dim + 2 * T * n * n_r + 2 * self.wr.numel()
+        return self.token_flops(T) + T * per_token
+
+
+class RelationalCrossAttention(RelationalHeads):
     """Relational cross-attention (RCA): a^g_i = sum_j softmax_j(q^g_i . k^g_j / sqrt(h)) sv^g_j (causal, RoPE)."""
 
     def __init__(self, config):
@@ -212,7 +292,7 @@ class RelationalCrossAttention(nn.Module):
         self.wo = nn.Linear(width, width, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, x, symbols, rope=None):
+    def fast_forward(self, x, symbols, rope=None):
         n = self.n_heads
         q = apply_rope(split_heads(self.wq(x), n), rope)  # (B, n, T, h)
         k = apply_rope(split_heads(self.wk(x), n), rope)
@@ -225,8 +305,21 @@ class RelationalCrossAttention(nn.Module):
             out = attend_symbols(alpha, sv, n, self.max_rel_pos)
         return self.resid_dropout(self.wo(merge_heads(out)))
 
+    def plain_forward(self, x, symbols, rope=None):
+        """a_i^g = sum_j alpha^g_ij sv^g_j with alpha (and relative symbols per pair) materialised."""
+        n = self.n_heads
+        q = apply_rope(split_heads(self.wq(x), n), rope)
+        k = apply_rope(split_heads(self.wk(x), n), rope)
+        alpha = causal_softmax(q, k, self.head_dim ** -0.5)  # (B, n, T, T)
+        out = attend_pairs(self.drop_weights(alpha), pair_symbol_values(self, symbols, x.size(1)))
+        return self.resid_dropout(self.wo(merge_heads(out))), {"alpha": alpha}
 
-class DisentangledRelationalCrossAttention(nn.Module):
+    def forward_flops(self, T):
+        """Forward FLOPs of one sequence of T tokens: the linear maps, selection scores and symbol aggregation."""
+        return self.token_flops(T) + 4 * T * T * self.n_heads * self.head_dim
+
+
+class DisentangledRelationalCrossAttention(RelationalHeads):
     """Disentangled RCA (DisRCA): per head g,
 
         alpha^g = causal softmax(q^g_i . k^g_j / sqrt(h))     (RoPE on q, k)
@@ -251,7 +344,7 @@ class DisentangledRelationalCrossAttention(nn.Module):
         self.wo = nn.Linear(width, width, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, x, symbols, rope=None):
+    def fast_forward(self, x, symbols, rope=None):
         n, h = self.n_heads, self.head_dim
         q = apply_rope(split_heads(self.wq_attn(x), n), rope)  # (B, n, T, h)
         k = apply_rope(split_heads(self.wk_attn(x), n), rope)
@@ -266,6 +359,22 @@ class DisentangledRelationalCrossAttention(nn.Module):
             w = causal_softmax(q, k, h ** -0.5) * (q_rel @ k_rel.transpose(-2, -1)) * h ** -0.5  # (B, n, T, T)
             out = attend_symbols(F.dropout(w, p, self.training), sv, n, self.max_rel_pos)
         return self.resid_dropout(self.wo(merge_heads(out)))
+
+    def plain_forward(self, x, symbols, rope=None):
+        """a_i^g = sum_j alpha^g_ij rho^g_ij sv^g_j with alpha and rho (B, n, T, T) materialised."""
+        n, scale = self.n_heads, self.head_dim ** -0.5
+        q = apply_rope(split_heads(self.wq_attn(x), n), rope)
+        k = apply_rope(split_heads(self.wk_attn(x), n), rope)
+        alpha = causal_softmax(q, k, scale)
+        rho = split_heads(self.wq_rel(x), n) @ split_heads(self.wk_rel(x), n).transpose(-2, -1) * scale
+        out = attend_pairs(self.drop_weights(alpha * rho), pair_symbol_values(self, symbols, x.size(1)))
+        return self.resid_dropout(self.wo(merge_heads(out))), {"alpha": alpha, "rho": rho}
+
+    def forward_flops(self, T):
+        """Forward FLOPs of one sequence of T tokens: the linear maps, selection scores and symbol aggregation
+        (4 T h per head and token), and the second score matrix and the product (2 T h + T per head and token)."""
+        n, h = self.n_heads, self.head_dim
+        return self.token_flops(T) + T * (4 * T * n * h + (2 * h + 1) * T * n)
 
 
 RELATIONAL_ATTENTION = {
@@ -289,3 +398,7 @@ class DualAttention(nn.Module):
         if self.self_attention is None:
             return relational
         return torch.cat((self.self_attention(x, rope), relational), dim=-1)
+
+    def forward_flops(self, T):
+        sensory = 0 if self.self_attention is None else self.self_attention.forward_flops(T)
+        return sensory + self.relational_attention.forward_flops(T)

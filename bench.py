@@ -7,25 +7,22 @@ Training-step throughput of our models, fast path against the plain formulation,
 
 For each config and implementation it times full training steps (forward, backward, fused AdamW, bf16
 autocast on CUDA) on random tokens and prints tokens/s, ms/step, peak memory and MFU (from the model's
-own FLOP count, against the device's dense bf16 peak). 'plain' swaps in tests/plain_attention.py, the
-materialised formulation (attention matrices, B.T.T.n_r relations, T.T.d relative symbols) with the
-logits materialised for the loss; 'fast' is what train.py runs. Before timing, the two implementations'
-final hidden states on the same weights and batch are compared (the relative difference is printed).
+own FLOP count, against the device's dense bf16 peak). 'plain' switches the relational heads to their
+plain, materialised formulation (model.use_plain_attention: attention matrices, B.T.T.n_r relations, T.T.d
+relative symbols) with the logits materialised for the loss; 'fast' is what train.py runs. Before timing,
+the two implementations' final hidden states on the same weights and batch are compared (the relative
+difference is printed).
 """
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import model as M
-import train
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
-from plain_attention import use_plain_attention  # noqa: E402
 
 def config(sa, ra, d_model, n_layers, batch, seq, symbol_type="symbolic_attention", ra_type="relational_attention"):
     flags = dict(sa=sa, ra=ra, d_model=d_model, n_layers=n_layers, max_seq_len=seq, symbol_type=symbol_type,
@@ -53,12 +50,13 @@ CPU_CONFIGS = {
 
 
 def peak_flops(device):
-    return train.peak_flops(device)[0]
+    return M.peak_flops(device)[0]
 
 
-def build(cfg, device, seed=0):
+def build(cfg, device, plain=False, seed=0):
     torch.manual_seed(seed)
-    return M.build_model(M.ModelConfig.from_flags(cfg["flags"])).to(device).train()
+    model = M.build_model(M.ModelConfig.from_flags(cfg["flags"])).use_plain_attention(plain)
+    return model.to(device).train()
 
 
 def step_fn(model, optimizer, device, compile_model, plain):
@@ -87,7 +85,7 @@ def measure(name, cfg, impl, device, compile_model, steps, warmup):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model = build(cfg, device)
+    model = build(cfg, device, plain=impl == "plain")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     B, T = cfg["batch"], cfg["flags"]["max_seq_len"]
     x = torch.randint(0, 32000, (B, T), device=device)
@@ -118,16 +116,12 @@ def relative_difference(cfg, device):
     x = torch.randint(0, 32000, (B, T), device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         fast = model.hidden_states(x).float()
-        with use_plain_attention():
-            plain = model.hidden_states(x).float()
+        plain = model.use_plain_attention(True).hidden_states(x).float()
     return ((fast - plain).norm() / plain.norm()).item()
 
 
 def run(name, cfg, impl, device, compile_model, steps, warmup):
     try:
-        if impl == "plain":
-            with use_plain_attention():
-                return measure(name, cfg, impl, device, compile_model, steps, warmup)
         return measure(name, cfg, impl, device, compile_model, steps, warmup)
     except torch.OutOfMemoryError:
         return dict(config=name, impl=impl, compile=compile_model, error="out of memory")

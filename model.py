@@ -18,10 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention import RELATIONAL_ATTENTION, Attention, DualAttention, rope_tables
+from attention import (RELATIONAL_ATTENTION, Attention, DualAttention, RelationalAttention, RelationalHeads,
+                       linear_flops, rope_tables)
 from kernels import linear_cross_entropy, linear_cross_entropy_reference
 
 LLAMA2_VOCAB_SIZE = 32000
+# dense bf16 tensor-core peak FLOP/s, matched by substring of the CUDA device name (first match wins)
+PEAK_FLOPS = [("B200", 2250e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
+              ("L4", 121e12), ("A10", 125e12), ("V100", 125e12), ("T4", 65e12)]
 
 
 # -----------------------------------------------------------------------------
@@ -227,6 +231,9 @@ class FeedForward(nn.Module):
             return self.linear2(F.silu(self.linear1(x)) * self.linear3(x))
         return self.linear2(self.act(self.linear1(x)))
 
+    def forward_flops(self, T):
+        return T * linear_flops(self)
+
 
 # -----------------------------------------------------------------------------
 # blocks
@@ -259,6 +266,10 @@ class Block(nn.Module):
         x = self.dropout(x)
         return self.norm2(x + self.dropout(self.ff_block(x)))
 
+    def forward_flops(self, T):
+        """Forward FLOPs of one sequence of T tokens (the LayerNorms are not counted)."""
+        return getattr(self, self.mixer).forward_flops(T) + self.ff_block.forward_flops(T)
+
 
 # -----------------------------------------------------------------------------
 # symbol retrievers (one module, shared by all layers, called on each layer's input)
@@ -286,6 +297,10 @@ class SymbolicAttention(nn.Module):
         symbols = F.scaled_dot_product_attention(q, keys, values)  # (B, n, T, d/n)
         return symbols.transpose(1, 2).reshape(B, T, d)
 
+    def forward_flops(self, T):
+        """q_proj, then the scores against and the mixing of the n_s symbols (2 n_s d each) per token."""
+        return T * (linear_flops(self) + 4 * self.symbol_library.numel())
+
 
 class RelativePositionalEncoding(nn.Module):
     def __init__(self, dim, max_rel_pos):
@@ -306,6 +321,9 @@ class PositionRelativeSymbolRetriever(nn.Module):
 
     def forward(self, x):
         return self.rel_pos_enc.rel_pos_embeddings
+
+    def forward_flops(self, T):
+        return 0  # W_v maps the table in the attention heads, which count it
 
 
 SYMBOL_RETRIEVERS = {"symbolic_attention": SymbolicAttention, "position_relative": PositionRelativeSymbolRetriever}
@@ -365,7 +383,7 @@ class LanguageModel(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            if hasattr(module, "wr") and isinstance(module.wr, nn.Parameter):
+            if isinstance(module, RelationalAttention):
                 nn.init.normal_(module.wr, mean=0.0, std=0.02)
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         ff_out = "linear3.weight" if self.config.activation == "swiglu" else "linear2.weight"
@@ -432,18 +450,25 @@ class LanguageModel(nn.Module):
             n -= self.layers.positional_embedder.weight.numel()
         return n
 
+    def use_plain_attention(self, plain=True):
+        """Switch every relational module to its plain, materialised formulation (or back to the fast path)."""
+        for module in self.modules():
+            if isinstance(module, RelationalHeads):
+                module.plain = plain
+        return self
+
     def flops_per_token(self, seq_len=None):
         """Forward + backward FLOPs per token at sequence length T (default the block size):
         3 x (2 x every multiply-add of the forward pass), counting attention over all T keys
-        (the nanoGPT/PaLM convention: 6N + 12 L H h T for a Transformer)."""
+        (the nanoGPT/PaLM convention: 6N + 12 L H h T for a Transformer). Each module counts its own."""
         T = seq_len or self.config.max_seq_len
-        forward = 2 * self.config.d_model * self.config.vocab_size  # output layer
+        forward = T * 2 * self.config.d_model * self.config.vocab_size  # output layer
         for block in self.layers.blocks:
-            forward += block_forward_flops(block, T)
-        forward += self.retriever_forward_flops(T)
-        return 3 * forward
+            forward += block.forward_flops(T) + self.retriever_flops(T)
+        return 3 * forward // T
 
-    def retriever_forward_flops(self, T):
+    def retriever_flops(self, T):
+        """Forward FLOPs of one layer's symbol retrieval for T tokens."""
         return 0
 
     def estimate_mfu(self, tokens_per_second, peak_flops, seq_len=None):
@@ -451,34 +476,15 @@ class LanguageModel(nn.Module):
         return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
 
 
-def linear_flops(module):
-    return sum(2 * m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
-
-
-def block_forward_flops(block, T):
-    """Forward FLOPs per token of one block: its linear maps plus the attention products over T keys.
-    (W_v of position-relative symbols maps the offset table, not the tokens: see retriever_forward_flops.)"""
-    flops = linear_flops(block)
-    if block.mixer == "self_attn":
-        return flops + 4 * T * block.self_attn.n_heads * block.self_attn.head_dim  # q k^T and probs @ v
-    if block.dual_attn.self_attention is not None:
-        flops += 4 * T * block.dual_attn.self_attention.n_heads * block.dual_attn.self_attention.head_dim
-    return flops + relational_forward_flops(block.dual_attn.relational_attention, T)
-
-
-def relational_forward_flops(ra, T):
-    """Per token: selection scores and symbol aggregation (4 T h per head), plus for RA the n_r relations
-    with every key (2 T n_r d_r), their aggregation (2 T n_r per head) and W_r (2 h n_r per head);
-    for DisRCA the second score matrix and the product (2 T h + T per head)."""
-    n, h = ra.n_heads, ra.head_dim
-    flops = 4 * T * n * h
-    if hasattr(ra, "wr"):
-        flops += 2 * T * ra.n_relations * ra.rel_dim + 2 * T * n * ra.n_relations + 2 * ra.wr.numel()
-    elif hasattr(ra, "wq_rel"):
-        flops += (2 * h + 1) * T * n
-    if ra.max_rel_pos is not None:
-        flops -= linear_flops(ra.wv)
-    return flops
+def peak_flops(device):
+    """(dense bf16 peak FLOP/s of one device or None, a line saying so) for the MFU estimate."""
+    if device.type != "cuda":
+        return None, f"MFU: n/a on {device.type} (no peak FLOP/s known)"
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_FLOPS:
+        if key in name:
+            return flops, f"MFU: relative to {flops / 1e12:.0f} TFLOP/s per GPU (dense bf16 peak of the {name})"
+    return None, f"MFU: n/a (no peak FLOP/s known for {name})"
 
 
 class TransformerLM(LanguageModel):
@@ -501,13 +507,8 @@ class DualAttnTransformerLM(LanguageModel):
     def symbols(self, layer, x):
         return self.layers.symbol_retrievers[layer](x)
 
-    def retriever_forward_flops(self, T):
-        retriever = self.layers.symbol_retrievers[0]
-        if isinstance(retriever, SymbolicAttention):  # q_proj, then scores and mixing over n_s symbols
-            return self.config.n_layers * (linear_flops(retriever) + 4 * retriever.symbol_library.numel())
-        # W_v applied to the (2M+1, d) table once per layer and sequence, shared by its T tokens
-        wv = [b.dual_attn.relational_attention.wv.weight.numel() for b in self.layers.blocks]
-        return sum(2 * w * retriever.rel_pos_enc.rel_pos_embeddings.size(0) for w in wv) // T
+    def retriever_flops(self, T):
+        return self.layers.symbol_retrievers[0].forward_flops(T)
 
 
 MODEL_KINDS = {"TransformerLM": TransformerLM, "DualAttnTransformerLM": DualAttnTransformerLM}

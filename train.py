@@ -38,9 +38,6 @@ from tiny_stories_data import BatchLoader, DataError, Tokenizer, eval_batches, t
 
 DERIVED_FIELDS = ("bias", "n_symbols", "symbol_heads", "max_rel_pos")  # ModelConfig fields that are not flags
 PROMPTS = ["Once upon a time,", "There once was a girl named ", "On a rainy day,", "Emma went to", "", "", ""]
-# dense bf16 tensor-core peak FLOP/s, matched by substring of the CUDA device name (first match wins)
-PEAK_FLOPS = [("B200", 2250e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
-              ("L4", 121e12), ("A10", 125e12), ("V100", 125e12), ("T4", 65e12)]
 
 
 class RunError(Exception):
@@ -275,17 +272,6 @@ def synchronize(device):
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-def peak_flops(device):
-    """(peak FLOP/s per device or None, description) for the MFU estimate."""
-    if device.type != "cuda":
-        return None, f"MFU: n/a on {device.type} (no peak FLOP/s known)"
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_FLOPS:
-        if key in name:
-            return flops, f"MFU: relative to {flops / 1e12:.0f} TFLOP/s per GPU (dense bf16 peak of the {name})"
-    return None, f"MFU: n/a (no peak FLOP/s known for {name})"
 
 
 def all_gather(obj, world_size):
@@ -593,7 +579,7 @@ class Trainer:
         self.model = self.eval_model
         if world_size > 1:
             self.model = DDP(self.eval_model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.peak, peak_note = peak_flops(device)
+        self.peak, peak_note = M.peak_flops(device)
         log.print(peak_note)
         self.iter_num, self.best_val_loss, self.running_mfu = 0, math.inf, None
         self.config, self.wandb_run_id, self.ckpt_path = None, None, None

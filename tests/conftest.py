@@ -1,8 +1,7 @@
-"""Make the top-level modules (model, attention, ...) and the test helpers importable from any directory."""
+"""Make the top-level modules (model, attention, ...) importable from any directory."""
 import sys
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
-for path in (TESTS.parent, TESTS):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))

@@ -1,5 +1,7 @@
-"""The fast relational heads of attention.py against the plain materialised formulation (tests/plain_attention.py),
-in float64: outputs and gradients to 1e-10."""
+"""The fast relational heads of attention.py against their plain materialised formulation (`plain_forward`, the
+`plain` switch), in float64: outputs and gradients to 1e-10; the materialised weights; the pieces."""
+
+from unittest import mock
 
 import pytest
 import torch
@@ -7,8 +9,7 @@ import torch
 import attention
 from attention import (DisentangledRelationalCrossAttention, DualAttention, RelationalAttention,
                        RelationalCrossAttention, apply_rope, rope_tables, skew_causal)
-from model import ModelConfig
-from plain_attention import PLAIN_FORWARDS, use_plain_attention
+from model import ModelConfig, build_model
 
 RELATIONAL = [RelationalAttention, RelationalCrossAttention, DisentangledRelationalCrossAttention]
 RA_TYPES = {cls: ra_type for ra_type, cls in attention.RELATIONAL_ATTENTION.items()}
@@ -41,6 +42,10 @@ def inputs(B, T, d, relative, max_rel_pos, generator):
     return x, symbols
 
 
+def plain_output(module, x, symbols, rope=None):
+    return module.plain_forward(x, symbols, rope)[0]
+
+
 def grads(module, x, symbols, out):
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
     tensors = [x, symbols, *module.parameters()]
@@ -65,7 +70,7 @@ def test_fast_equals_plain(cls, relative, case):
     x, symbols = inputs(2, T, d, relative, max_rel_pos, torch.Generator().manual_seed(2))
     rope = tuple(t[:T].double() for t in rope_tables(d // total, T)) if use_rope else None
     fast = module(x, symbols, rope)
-    plain = PLAIN_FORWARDS[cls](module, x, symbols, rope)
+    plain = plain_output(module, x, symbols, rope)
     assert fast.shape == (2, T, n * (d // total))
     assert torch.allclose(fast, plain, rtol=0, atol=1e-10)
     assert plain.abs().max() > 1e-3  # the comparison is not between two zeros
@@ -80,7 +85,7 @@ def test_wide_values_materialise_the_probabilities(cls, monkeypatch):
     module = build(cls, 32, 2, 4, False, 9)
     x, symbols = inputs(2, 9, 32, False, 9, torch.Generator().manual_seed(6))
     fast = module(x, symbols)
-    plain = PLAIN_FORWARDS[cls](module, x, symbols)
+    plain = plain_output(module, x, symbols)
     assert torch.allclose(fast, plain, rtol=0, atol=1e-10)
     for g_fast, g_plain in zip(grads(module, x, symbols, fast), grads(module, x, symbols, plain)):
         assert torch.allclose(g_fast, g_plain, rtol=0, atol=1e-10)
@@ -90,7 +95,7 @@ def test_symmetric_relations_share_one_map():
     module = build(RelationalAttention, 32, 4, 4, False, 8, symmetric_rels=True)
     assert module.wk_rel is module.wq_rel
     x, symbols = inputs(2, 8, 32, False, 8, torch.Generator().manual_seed(3))
-    assert torch.allclose(module(x, symbols), PLAIN_FORWARDS[RelationalAttention](module, x, symbols),
+    assert torch.allclose(module(x, symbols), plain_output(module, x, symbols),
                           rtol=0, atol=1e-10)
 
 
@@ -99,19 +104,53 @@ def test_relation_width_can_differ_from_head_width():
     module = build(RelationalAttention, 30, 4, 10, False, 8, arch="paper")
     assert module.wq_rel.weight.shape == (4 * 7, 30)
     x, symbols = inputs(2, 6, 30, False, 8, torch.Generator().manual_seed(4))
-    assert torch.allclose(module(x, symbols), PLAIN_FORWARDS[RelationalAttention](module, x, symbols),
+    assert torch.allclose(module(x, symbols), plain_output(module, x, symbols),
                           rtol=0, atol=1e-10)
 
 
-def test_use_plain_attention_swaps_and_restores():
-    module = build(RelationalCrossAttention, 16, 2, 2, False, 4)
-    x, symbols = inputs(1, 5, 16, False, 4, torch.Generator().manual_seed(5))
-    fast_forward = RelationalCrossAttention.forward
-    with use_plain_attention():
-        assert RelationalCrossAttention.forward is PLAIN_FORWARDS[RelationalCrossAttention]
-        plain = module(x, symbols)
-    assert RelationalCrossAttention.forward is fast_forward
-    assert torch.allclose(module(x, symbols), plain, rtol=0, atol=1e-10)
+@pytest.mark.parametrize("ra_type", ["relational_attention", "rca", "disrca"])
+def test_the_plain_switch_of_a_model(ra_type):
+    """model.use_plain_attention(True) switches every relational module (and only those) to plain_forward."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(sa=2, ra=2, d_model=32, n_layers=2, pos_enc_type="RoPE", ra_type=ra_type,
+                                    symbol_type="position_relative", max_seq_len=12, vocab_size=40,
+                                    dropout_rate=0.0)).double().eval()
+    randomise(model, torch.Generator().manual_seed(7))
+    idx = torch.randint(0, 40, (2, 12))
+    fast = model.hidden_states(idx)
+    cls = attention.RELATIONAL_ATTENTION[ra_type]
+    model.use_plain_attention(True)
+    assert all(block.dual_attn.relational_attention.plain for block in model.layers.blocks)
+    with mock.patch.object(cls, "plain_forward", autospec=True, side_effect=cls.plain_forward) as spy:
+        plain = model.hidden_states(idx)
+        assert spy.call_count == 2  # once per layer
+        assert torch.allclose(fast, plain, rtol=0, atol=1e-9)
+        assert torch.equal(model.use_plain_attention(False).hidden_states(idx), fast)
+        assert spy.call_count == 2
+
+
+@pytest.mark.parametrize("cls", RELATIONAL, ids=lambda c: c.__name__)
+def test_plain_forward_returns_the_materialised_weights(cls):
+    B, T, d, n = 2, 6, 24, 2
+    module = build(cls, d, n, 4, False, 8)
+    x, symbols = inputs(B, T, d, False, 8, torch.Generator().manual_seed(8))
+    _, weights = module.plain_forward(x, symbols)
+    alpha = weights["alpha"]
+    assert alpha.shape == (B, n, T, T)
+    assert torch.allclose(alpha.sum(-1), torch.ones(B, n, T, dtype=alpha.dtype))
+    assert (alpha.triu(1) == 0).all()  # causal
+    if cls is RelationalAttention:  # r_ij[l] = <x_i W^rel_q,l, x_j W^rel_k,l> / sqrt(d_r)
+        assert set(weights) == {"alpha", "relations"} and weights["relations"].shape == (B, T, T, n)
+        q_rel, k_rel = module.wq_rel(x[1, 4]).view(n, -1), module.wk_rel(x[1, 2]).view(n, -1)
+        expected = (q_rel * k_rel).sum(-1) / module.rel_dim ** 0.5
+        assert torch.allclose(weights["relations"][1, 4, 2], expected, rtol=0, atol=1e-12)
+    elif cls is DisentangledRelationalCrossAttention:  # rho: every pair, future ones too
+        assert set(weights) == {"alpha", "rho"} and weights["rho"].shape == (B, n, T, T)
+        q_rel, k_rel = module.wq_rel(x[0, 1]).view(n, -1), module.wk_rel(x[0, 5]).view(n, -1)
+        expected = (q_rel * k_rel).sum(-1) / module.head_dim ** 0.5
+        assert torch.allclose(weights["rho"][0, :, 1, 5], expected, rtol=0, atol=1e-12)
+    else:
+        assert set(weights) == {"alpha"}
 
 
 def test_skew_reindexes_by_offset():

@@ -250,7 +250,7 @@ def logged_configurations():
 @pytest.mark.skipif(not PAPER_LOGS.exists(), reason=f"the authors' run logs are not at {PAPER_LOGS}")
 def test_paper_parameter_counts_equal_the_logged_runs():
     """Every configuration of the paper's table (d <= 128) matches; of the exploratory runs, only the
-    d=512 Transformer of 2024-05-02 differs (PAPER_ARCH.md §0: a bug of that day's code)."""
+    d=512 Transformer of 2024-05-02 differs (a bug of that day's code, see README.md)."""
     mismatches, table_rows = [], 0
     for flags, n_params, n_params_wo_embedding, name in logged_configurations():
         with torch.device("meta"):

@@ -94,7 +94,8 @@ def test_reference_defaults_apply_to_missing_arguments():
     config = R.config_from_reference("TransformerLM", args)
     assert (config.bias, config.pos_enc_type, config.sa, config.ra, config.max_seq_len) == (True, "pos_emb", 4, 0, 16)
     model = R.from_reference("TransformerLM", args)
-    assert model.layers.blocks[0].self_attn.wo.bias is not None and model.layers.blocks[0].ff_block.linear1.bias is not None
+    block = model.layers.blocks[0]
+    assert block.self_attn.wo.bias is not None and block.ff_block.linear1.bias is not None
 
 
 @pytest.mark.parametrize("change,message", [

@@ -111,7 +111,7 @@ def train_tokens(data_dir):
 # -----------------------------------------------------------------------------
 # the command line
 
-# SPEC §4: the reference flags with their choices and defaults (required ones have none)
+# the reference's flags with their choices and defaults (required ones have none)
 SEED_FLAGS = {
     "sa": None, "ra": None, "symbol_type": None, "pos_enc_type": None, "ra_type": None, "n_layers": None,
     "d_model": None, "activation": "swiglu", "dropout_rate": 0.1, "dff": None, "norm_first": 1, "symmetric_rels": 0,
