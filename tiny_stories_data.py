@@ -615,6 +615,19 @@ def open_bin(path):
     return np.memmap(path, dtype=np.uint16, mode="r") if size else np.zeros(0, dtype=np.uint16)
 
 
+def check_token_ids(tokenizer, vocab_size=0, data_dir="data"):
+    """Raise DataError if a .bin shard holds a token id outside the tokenizer's vocabulary (shards written with
+    another tokenizer). One pass over the memory-mapped shards."""
+    d = bin_dir(vocab_size, data_dir)
+    for path in sorted(glob.glob(os.path.join(d, "*.bin"))):
+        tokens = open_bin(path)
+        top = int(tokens.max()) if len(tokens) else -1
+        if top >= tokenizer.n_words:
+            raise DataError(f"{path} holds token id {top}, outside the {tokenizer.n_words:,} tokens of "
+                            f"{tokenizer.model_path}: it was pretokenized with another tokenizer; run "
+                            f"{command('pretokenize', vocab_size, data_dir)} again")
+
+
 class Windows:
     """All windows of max_seq_len + 1 consecutive tokens of a split, numbered 0..n_windows-1 shard after shard.
     Shard 0 is "val", the others "train"; shards too short for a single window are left out."""

@@ -2,7 +2,7 @@
 Tests of train.py on CPU with tiny models and a repetitive toy corpus, tokenized by a SentencePiece model that
 tiny_stories_data.py trains here in a second. Runs go through train.main() in this process where that is enough,
 and through real subprocesses where the process boundary is the point: exact resume in a new process, SIGTERM,
-torchrun (gloo), the real W&B package offline, and the one-line errors of the command line.
+two processes on one run directory, torchrun (gloo), the real W&B package offline.
 """
 
 import glob
@@ -67,10 +67,21 @@ def args_for(data_dir, out_dir, model_flags, *extra):
 
 
 def run_main(capsys, argv):
-    """train.main in this process: (exit code, stdout, stderr)."""
-    code = train.main(argv)
+    """train.main in this process: (exit code, stdout, stderr); argparse's exit is an exit code too."""
+    try:
+        code = train.main(list(map(str, argv)))
+    except SystemExit as e:
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def assert_one_line_error(err, *messages):
+    """stderr is exactly one `error: ...` line holding every message (so no traceback either)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for message in messages:
+        assert message in lines[0], (message, lines[0])
 
 
 def run_script(argv, env=None, launcher=("train.py",), **kwargs):
@@ -164,14 +175,68 @@ def test_help_explains_every_flag():
     (TRANSFORMER + ["--gradient_accumulation_steps", "3"], {"WORLD_SIZE": "2"},
      "--gradient_accumulation_steps 3 must be divisible by the number of DDP processes (2)"),
 ], ids=["ra-with-NA-symbols", "width-not-divisible", "accumulation-vs-world-size"])
-def test_contradictory_flags_give_a_one_line_error(tmp_path, argv, env, message):
-    result = run_script([*argv, "--n_layers", "1", *([] if "--d_model" in argv else ["--d_model", "32"]),
-                         "--data_dir", tmp_path / "no_data", "--out_dir", tmp_path / "out"], env=env)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and message in errors[0], result.stderr
+def test_contradictory_flags_give_a_one_line_error(tmp_path, capsys, monkeypatch, argv, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run_main(capsys, [*argv, "--n_layers", "1", *([] if "--d_model" in argv else ["--d_model", "32"]),
+                                     "--data_dir", tmp_path / "no_data", "--out_dir", tmp_path / "out"])
+    assert code == 2
+    assert_one_line_error(err, message)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "-1"], "--temperature must be 0 (greedy) or positive (got -1.0)"),
+    (["--temperature", "nan"], "--temperature must be 0 (greedy) or positive (got nan)"),
+    (["--top_k", "0"], "--top_k must be at least 1 (got 0)"),
+    (["--top_k", "-3"], "--top_k must be at least 1 (got -3)"),
+    (["--sample_tokens", "-1"], "--sample_tokens must not be negative (got -1)"),
+    (["--learning_rate", "0"], "--learning_rate must be positive (got 0.0)"),
+    (["--learning_rate", "-0.001"], "--learning_rate must be positive (got -0.001)"),
+    (["--beta1", "1"], "--beta1 must be in [0, 1) (got 1.0)"),
+    (["--beta2", "-0.1"], "--beta2 must be in [0, 1) (got -0.1)"),
+    (["--dropout_rate", "1.5"], "--dropout_rate must be in [0, 1) (got 1.5)"),
+    (["--weight_decay", "-1"], "--weight_decay must not be negative (got -1.0)"),
+    (["--grad_clip", "-1"], "--grad_clip must not be negative (got -1.0)"),
+    (["--dff", "0"], "--dff must be positive (got 0)"),
+    (["--device", "mps"], "--device mps: Apple MPS is not available here"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available here"),
+    (["--batch_size", "many"], "argument --batch_size: invalid int value: 'many'"),
+    (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_flag_values_stop_before_anything_runs(data_dir, tmp_path, capsys, flags, message):
+    """Each value that used to fail after training (sampling flags) or deep inside it: exit 2, one line, nothing
+    written."""
+    if flags[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path / "out", TRANSFORMER, *flags))
+    assert code == 2
+    assert_one_line_error(err, message)
+    assert not (tmp_path / "out").exists()
+
+
+def greedy(model, idx, n):
+    """n tokens after idx, each the argmax of the model's next-token logits."""
+    for _ in range(n):
+        idx = torch.cat((idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
+    return idx
+
+
+def test_temperature_zero_samples_greedily_and_sample_tokens_zero_skips(data_dir, tmp_path, capsys):
+    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path / "greedy", TRANSFORMER, *CONSTANT_LR, "--max_iters",
+                                             2, "--eval_interval", 2, "--temperature", 0, "--sample_tokens", 5))
+    assert code == 0
+    model = R.model_from_checkpoint(load_ckpt(the_run_dir(tmp_path / "greedy")))  # the final weights
+    tokenizer = D.Tokenizer(os.path.join(data_dir, f"tok{VOCAB}.model"))
+    with torch.no_grad():
+        for prompt in train.PROMPTS[:4]:
+            idx = torch.tensor([tokenizer.encode(prompt)])
+            assert f"GENERATED TEXT:\n{tokenizer.decode(greedy(model, idx, 5)[0])}\n" in out
+            assert torch.equal(model.generate(idx, 5, temperature=0, top_k=3), greedy(model, idx, 5))
+
+    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path / "none", TRANSFORMER, "--max_iters", 2,
+                                             "--eval_interval", 2, "--sample_tokens", 0))
+    assert code == 0 and "GENERATED" not in out and "PROMPT" not in out
 
 
 def test_learning_rate_schedule():
@@ -194,21 +259,6 @@ def test_epochs_or_max_iters_whichever_comes_first():
     assert train.training_steps(args, 10_000, 1024)[0] == 7
     args.n_epochs = -1
     assert train.training_steps(args, 10_000, 1024)[0] == 7
-
-
-def test_resume_defaults_to_the_newest_checkpoint(tmp_path):
-    for name, mtime in (("b", 100), ("a", 200), ("c", 50)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "ckpt.pt").write_bytes(b"")
-        os.utime(tmp_path / name / "ckpt.pt", (mtime, mtime))
-    args = train.build_parser().parse_args(TRANSFORMER + ["--n_layers", "1", "--d_model", "32", "--out_dir",
-                                                          str(tmp_path), "--init_from", "resume"])
-    assert train.find_checkpoint(args) == str(tmp_path / "a" / "ckpt.pt")
-    args.ckpt_path = str(tmp_path / "c")
-    assert train.find_checkpoint(args) == str(tmp_path / "c" / "ckpt.pt")
-    args.ckpt_path, args.out_dir = None, str(tmp_path / "empty")
-    with pytest.raises(train.RunError, match="no run directory with a ckpt.pt"):
-        train.find_checkpoint(args)
 
 
 # -----------------------------------------------------------------------------
@@ -304,7 +354,8 @@ def test_paper_arch_decays_every_matrix_and_resumes(data_dir, tmp_path, capsys):
     assert len(no_decay["params"]) == sum(p.dim() < 2 for p in trainable) and no_decay["weight_decay"] == 0.0
     assert len(trainable) == sum(1 for _ in model.parameters()) - 1  # the frozen symbol library
 
-    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path, flags, "--init_from", "resume", "--eval_only", 1))
+    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path, flags, *CONSTANT_LR, "--init_from", "resume",
+                                             "--eval_only", 1))
     assert code == 0
     assert f"step 4: train loss {evals(run_dir)[-1]['train/loss']:.4f}" in out
 
@@ -325,8 +376,8 @@ def test_eval_only_evaluates_and_writes_nothing(data_dir, tmp_path, capsys, trai
     assert not (tmp_path / "fresh").exists()
 
     before, n_records = Path(trained_run, "ckpt.pt").read_bytes(), len(metrics(trained_run))
-    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path / "unused", TRANSFORMER, "--eval_only", 1,
-                                             "--init_from", "resume", "--ckpt_path", trained_run))
+    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path / "unused", TRANSFORMER, *CONSTANT_LR, "--eval_only",
+                                             1, "--init_from", "resume", "--ckpt_path", trained_run))
     assert code == 0
     last = evals(trained_run)[-1]  # the evaluation the checkpoint was written after
     assert f"step 4: train loss {last['train/loss']:.4f}, val loss {last['val/loss']:.4f}" in out
@@ -336,18 +387,39 @@ def test_eval_only_evaluates_and_writes_nothing(data_dir, tmp_path, capsys, trai
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--arch", "paper"], "the checkpoint is --arch current, the flags say --arch paper"),
-    (["--n_layers", "2"], "n_layers 1 (flags: 2)"),
-], ids=["arch", "n_layers"])
-def test_resume_refuses_flags_of_another_model(data_dir, tmp_path, capsys, trained_run, flags, message):
-    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, "--init_from", "resume",
+    (["--arch", "paper"], "--arch current (this command: paper)"),
+    (["--n_layers", "2"], "--n_layers 1 (this command: 2)"),
+    (["--max_seq_len", "64"], "--max_seq_len 32 (this command: 64)"),
+    (["--learning_rate", "1e-3", "--batch_size", "4"], "--batch_size 8 (this command: 4), --learning_rate 0.01 "
+                                                       "(this command: 0.001)"),
+], ids=["arch", "n_layers", "max_seq_len", "training"])
+def test_resume_refuses_flags_of_another_run(data_dir, tmp_path, capsys, trained_run, flags, message):
+    before = Path(trained_run, "ckpt.pt").read_bytes()
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
                                              "--ckpt_path", trained_run, *flags))
     assert code == 2
-    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert_one_line_error(err, f"--ckpt_path {trained_run}/ckpt.pt: the run was trained with other settings: "
+                               f"{message}; give the run's flags")
+    assert Path(trained_run, "ckpt.pt").read_bytes() == before
+
+
+def test_resume_without_recorded_settings_names_model_flags(data_dir, tmp_path, capsys, trained_run):
+    """A checkpoint that records no settings (no config.json, no config) is checked on its model: the error names
+    the flag (--max_seq_len), not the constructor's argument (max_block_size)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save(dict(load_ckpt(trained_run), config=None), run_dir / "ckpt.pt")
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
+                                             "--ckpt_path", run_dir, "--max_seq_len", 64))
+    assert code == 2
+    assert_one_line_error(err, "the flags describe another model than the checkpoint's: --max_seq_len 32 (flags: 64)")
+    assert "max_block_size" not in err
 
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, capsys, trained_run):
     run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    config = json.loads(Path(run_dir, "config.json").read_text())  # as if the run had been started at lr 1e9
+    Path(run_dir, "config.json").write_text(json.dumps(dict(config, learning_rate=1e9)))
     good = Path(run_dir, "ckpt.pt").read_bytes()
     code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, "--init_from", "resume",
                                              "--ckpt_path", run_dir, "--use_cosine_sched", 0, "--learning_rate", 1e9,
@@ -392,9 +464,18 @@ def test_a_reference_checkpoint_evaluates_and_resumes(data_dir, tmp_path, capsys
         val = [model(x, y)[1].item() for x, y in eval_windows(data_dir)]
     argv = args_for(data_dir, tmp_path, MODELS["ra-symbolic"], "--init_from", "resume", "--ckpt_path", run_dir)
 
+    code, _, err = run_main(capsys, argv + ["--eval_only", "1"])  # their learning rate was 1e-3
+    assert code == 2
+    assert_one_line_error(err, "--learning_rate 0.001 (this command: 0.0005)")
+    argv += ["--learning_rate", "1e-3"]
     code, out, _ = run_main(capsys, argv + ["--eval_only", "1"])
     assert code == 0
     assert f"val loss {sum(val) / len(val):.4f}" in out and "resumed at step 3" in out
+    assert "changed since the run's last leg: " in out and "--device cuda -> cpu" in out
+    [note] = [line for line in out.splitlines() if line.startswith("note: the run does not record")]
+    flags = note.split(": ")[1].split(", ")
+    assert {"--arch", "--dtype", "--seed", "--warmup_iters"} <= set(flags)  # their dtype is not compared
+    assert "--batch_size" not in flags and "--learning_rate" not in flags
 
     code, out, _ = run_main(capsys, argv + ["--max_iters", "5", "--eval_interval", "5"])
     assert code == 0
@@ -470,7 +551,7 @@ def test_torchrun_two_cpu_processes(data_dir, tmp_path):
     assert result.stdout.count("GENERATED SAMPLES") == 1 and result.stdout.count("PROMPT:") == 7
     assert result.stdout.count("step 4: train loss") == 1
     run_dir = the_run_dir(tmp_path)
-    assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "config.json", "metrics.jsonl", "train.lock"]
     ckpt = load_ckpt(run_dir)
     assert ckpt["iter_num"] == 4 and len(ckpt["loader"]) == 2
     assert ckpt["loader"][0]["rng"] != ckpt["loader"][1]["rng"]  # each rank draws its own batches
