@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -414,6 +415,136 @@ def test_resume_without_recorded_settings_names_model_flags(data_dir, tmp_path, 
     assert code == 2
     assert_one_line_error(err, "the flags describe another model than the checkpoint's: --max_seq_len 32 (flags: 64)")
     assert "max_block_size" not in err
+
+
+def run_dirs(out_dir):
+    return {d for d in glob.glob(os.path.join(glob.escape(str(out_dir)), "*")) if os.path.isdir(d)}
+
+
+def test_resume_continues_the_run_the_command_describes(data_dir, tmp_path, capsys):
+    """The issue's reproduction: run A, then run B with other training settings in the same out_dir; A's command
+    plus --init_from resume continues A, not the newer B, and says what changed. A command that matches no run, or
+    two runs, stops with one line listing them; --ckpt_path picks one."""
+    a = args_for(data_dir, tmp_path, TRANSFORMER, "--use_cosine_sched", 0, "--learning_rate", 1e-3, "--max_iters", 4,
+                 "--eval_interval", 4)
+    assert run_main(capsys, a)[0] == 0
+    [run_a] = run_dirs(tmp_path)
+    assert run_main(capsys, a + ["--learning_rate", 1e-4, "--batch_size", 4])[0] == 0
+    [run_b] = run_dirs(tmp_path) - {run_a}
+    b_ckpt = Path(run_b, "ckpt.pt").read_bytes()
+
+    code, out, _ = run_main(capsys, a + ["--init_from", "resume", "--max_iters", 8])
+    assert code == 0
+    assert f"resuming from {run_a}/ckpt.pt\nchanged since the run's last leg: --max_iters 4 -> 8\n" in out
+    assert load_ckpt(run_a)["iter_num"] == 8 and Path(run_b, "ckpt.pt").read_bytes() == b_ckpt
+    assert json.loads(Path(run_a, "config.json").read_text())["max_iters"] == 8  # the latest leg
+
+    Path(run_b, "config.json").unlink()  # a run from before config.json: its checkpoint's config is read instead
+    code, _, err = run_main(capsys, a + ["--init_from", "resume", "--learning_rate", 5e-4])
+    assert code == 2
+    assert_one_line_error(err, f"--init_from resume: no run in {tmp_path} has this command's settings: ",
+                          f"{run_a} (--learning_rate 0.001 (this command: 0.0005))",
+                          f"{run_b} (--batch_size 4 (this command: 8), --learning_rate 0.0001 (this command: 0.0005))",
+                          "give the flags of the run to continue")
+
+    assert run_main(capsys, a)[0] == 0  # a second run with A's settings
+    code, _, err = run_main(capsys, a + ["--init_from", "resume"])
+    assert code == 2
+    assert_one_line_error(err, f"--init_from resume: 2 runs in {tmp_path} have this command's settings: ", run_a,
+                          "choose one with --ckpt_path DIR")
+    code, out, _ = run_main(capsys, a + ["--init_from", "resume", "--ckpt_path", run_a, "--max_iters", 10])
+    assert code == 0 and "resumed at step 8" in out and load_ckpt(run_a)["iter_num"] == 10
+
+
+def test_a_second_process_cannot_write_a_run_in_use(data_dir, tmp_path, trained_run):
+    """Two processes resume one run: the second stops at once with one line naming the directory and the first
+    one's pid; the first is not disturbed. After kill -9 of the first, the OS has dropped its lock, and the
+    checkpoint and metrics it wrote are whole."""
+    run_dir = str(shutil.copytree(trained_run, tmp_path / "out" / "run"))
+    argv = args_for(data_dir, tmp_path / "out", TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
+                    "--max_iters", 100_000, "--eval_interval", 2, "--always_save_checkpoint", 1)
+    first = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("6 | loss"):  # training, with a checkpoint written at step 6
+                break
+        second = run_script(argv)
+        assert first.poll() is None, first.stderr.read()
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    assert second.returncode == 1
+    assert_one_line_error(second.stderr, f"the run directory {run_dir} is in use by another process (pid "
+                                         f"{first.pid}): wait for it to end, or stop it first")
+    assert load_ckpt(run_dir)["iter_num"] >= 6
+    assert [r["iter"] for r in evals(run_dir)][:4] == [0, 2, 4, 4]  # whole JSON lines: the first run's, then ours
+    with train.run_lock(run_dir):
+        pass
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped bit", "empty", "text"])
+def test_a_corrupt_checkpoint_is_one_line(data_dir, tmp_path, capsys, trained_run, damage):
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    path = Path(run_dir, "ckpt.pt")
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[:len(data) // 2]
+    elif damage == "flipped bit":
+        data[len(data) // 2] ^= 0x10  # inside a tensor: torch.load alone would not notice
+    else:
+        data = b"" if damage == "empty" else b"not a checkpoint\n"
+    path.write_bytes(data)
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
+                                             "--ckpt_path", run_dir, "--max_iters", 6))
+    assert code == 1
+    why = "is corrupted (checksum mismatch" if damage == "flipped bit" else "is not a readable checkpoint"
+    assert_one_line_error(err, f"{path} {why}", "use another copy of the checkpoint, or start the run afresh")
+    assert path.read_bytes() == data
+
+
+def test_token_ids_outside_the_vocabulary_stop_before_training(data_dir, tmp_path, capsys):
+    """Shards of Llama 2 ids under the directory of a 300-token vocabulary (an IndexError at the first evaluation)."""
+    bad = tmp_path / "data"
+    (bad / f"tok{VOCAB}").mkdir(parents=True)
+    shutil.copy(Path(data_dir, f"tok{VOCAB}.model"), bad)
+    np.arange(1000, dtype=np.uint16).__mod__(VOCAB).tofile(bad / f"tok{VOCAB}" / "data00.bin")
+    np.arange(31000, 32000, dtype=np.uint16).tofile(bad / f"tok{VOCAB}" / "data01.bin")
+    code, _, err = run_main(capsys, args_for(str(bad), tmp_path / "out", TRANSFORMER))
+    assert code == 1
+    assert_one_line_error(err, f"{bad / f'tok{VOCAB}' / 'data01.bin'} holds token id 31999, outside the 300 tokens "
+                               f"of {bad / f'tok{VOCAB}.model'}", f"pretokenize --vocab_size {VOCAB} --data_dir {bad}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_out_dir_is_one_line(data_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("in the way")
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path / "file" / "out", TRANSFORMER, "--max_iters", 2))
+    assert code == 1
+    assert_one_line_error(err, f"cannot create the run directory {tmp_path}/file/out/", "(check --out_dir)")
+
+
+@pytest.mark.parametrize("full", ["metrics.jsonl", "ckpt.pt.tmp"])
+def test_a_full_disk_stops_with_one_line_and_keeps_the_checkpoint(data_dir, tmp_path, capsys, trained_run, full):
+    """Writes that really fail with ENOSPC: the file is a link to /dev/full."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    good = Path(run_dir, "ckpt.pt").read_bytes()
+    if full == "metrics.jsonl":
+        Path(run_dir, full).unlink()
+    os.symlink("/dev/full", Path(run_dir, full))
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
+                                             "--ckpt_path", run_dir, "--max_iters", 6, "--eval_interval", 2,
+                                             "--always_save_checkpoint", 1))
+    assert code == 1
+    assert_one_line_error(err, {
+        "metrics.jsonl": f"writing {run_dir}/metrics.jsonl failed (No space left on device): stopped; the checkpoint "
+                         f"written last is kept",
+        "ckpt.pt.tmp": f"writing the checkpoint {run_dir}/ckpt.pt failed (No space left on device): stopped, the "
+                       f"previous checkpoint is kept"}[full])
+    assert Path(run_dir, "ckpt.pt").read_bytes() == good
+    assert not os.path.lexists(Path(run_dir, "ckpt.pt.tmp"))
 
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, capsys, trained_run):
