@@ -433,7 +433,7 @@ def test_resume_continues_the_run_the_command_describes(data_dir, tmp_path, caps
     [run_b] = run_dirs(tmp_path) - {run_a}
     b_ckpt = Path(run_b, "ckpt.pt").read_bytes()
 
-    code, out, _ = run_main(capsys, a + ["--init_from", "resume", "--max_iters", 8])
+    code, out, _ = run_main(capsys, a + ["--init_from", "resume", "--max_iters", 8, "--ra_type", "rca"])  # (unused)
     assert code == 0
     assert f"resuming from {run_a}/ckpt.pt\nchanged since the run's last leg: --max_iters 4 -> 8\n" in out
     assert load_ckpt(run_a)["iter_num"] == 8 and Path(run_b, "ckpt.pt").read_bytes() == b_ckpt
