@@ -392,7 +392,7 @@ def recorded_config(ckpt_path):
         if not isinstance(config, dict):
             raise RunError(f"{path} is not a JSON object of settings")
         return config
-    ckpt = load_checkpoint(ckpt_path, mmap=True)
+    ckpt = load_checkpoint(ckpt_path, mmap=zipfile.is_zipfile(ckpt_path))  # (the legacy format cannot be mapped)
     config = dict(ckpt.get("config") or {})
     if "kind" not in ckpt:  # the authors' train.py has no --dtype: their dtype was their GPU's, not a setting
         config.pop("dtype", None)
