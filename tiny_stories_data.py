@@ -143,13 +143,18 @@ def temp_prefix(target):
 
 
 def pid_alive(pid):
+    """Whether process `pid` runs (an exited process that its parent has not reaped yet, a zombie, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, another user's
+    except PermissionError:  # another user's
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # Linux: the state follows the parenthesised name
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): assume it runs
+        return True
 
 
 def remove_stale_temps(target):
