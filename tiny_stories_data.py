@@ -785,10 +785,10 @@ def main(argv=None):
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        again = {"download": "a download resumes where it stopped", "pretokenize": "finished shards are encoded anew",
-                 "train_vocab": "it starts over"}[args.stage]
-        print(f"error: interrupted, nothing half-written was kept (run the same command again: {again})",
-              file=sys.stderr)
+        what = {"download": "run the same command again: the download resumes where it stopped",
+                "pretokenize": "no half-written shard was kept; run the same command again to encode every shard",
+                "train_vocab": "nothing was written; run the same command again"}[args.stage]
+        print(f"error: interrupted: {what}", file=sys.stderr)
         return 130
     return 0
 

@@ -634,8 +634,8 @@ def test_pretokenize_ctrl_c_is_one_line(busy_data):
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130
-    assert err.strip().splitlines() == ["error: interrupted, nothing half-written was kept (run the same command "
-                                        "again: finished shards are encoded anew)"]
+    assert err.strip().splitlines() == ["error: interrupted: no half-written shard was kept; run the same command "
+                                        "again to encode every shard"]
     assert wait_gone(workers) == []
     assert leftovers(busy_data) == []
 
