@@ -429,12 +429,17 @@ class LanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample max_new_tokens tokens after idx (B, T), cropping the context to the block size, in eval mode."""
+        """Sample max_new_tokens tokens after idx (B, T), cropping the context to the block size, in eval mode.
+        temperature 0 is greedy decoding: the most likely token each time (top_k is then moot)."""
         was_training = self.training
         self.eval()
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.max_seq_len:])
-            logits = logits[:, -1, :] / temperature
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                idx = torch.cat((idx, logits.argmax(dim=-1, keepdim=True)), dim=1)
+                continue
+            logits = logits / temperature
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

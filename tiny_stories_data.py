@@ -20,20 +20,23 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import warnings
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import Event
 from pathlib import PurePosixPath
 
 import numpy as np
 import requests
 import sentencepiece as spm
 import torch
-from tqdm import tqdm
+from tqdm import tqdm as _tqdm
 
 DATA_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 TOKENIZER_URL = "https://raw.githubusercontent.com/karpathy/llama2.c/master/tokenizer.model"
@@ -44,6 +47,7 @@ END_OF_TEXT = "<|endoftext|>"  # story separator of the TinyStories .txt exports
 MAX_UINT16_VOCAB = 65535
 ENCODE_BATCH = 1024  # stories per SentencePiece call in pretokenize
 DOWNLOAD_CHUNK = 1 << 16  # bytes per write; a dropped connection loses at most the chunk in flight
+PROGRESS_DELAY = 1.0  # seconds before a progress bar appears: quick stages and early errors print no bar
 
 
 class DataError(Exception):
@@ -79,6 +83,11 @@ def check_uint16(vocab_size):
     if vocab_size > MAX_UINT16_VOCAB:
         raise DataError(f"a vocabulary of {vocab_size:,} tokens does not fit uint16 shards "
                         f"(at most {MAX_UINT16_VOCAB:,})")
+
+
+def tqdm(*args, **kwargs):
+    """A progress bar on stderr that appears only after PROGRESS_DELAY seconds."""
+    return _tqdm(*args, delay=PROGRESS_DELAY, **kwargs)
 
 
 # -----------------------------------------------------------------------------
@@ -127,9 +136,45 @@ def _umask():
     return mask
 
 
+def temp_prefix(target):
+    """Name prefix of this process's temporary files and directories for `target`: hidden, with the process id, so
+    that a later run can tell (and remove) what a killed run left behind."""
+    return f".{os.path.basename(target)}.{os.getpid()}."
+
+
+def pid_alive(pid):
+    """Whether process `pid` runs (an exited process that its parent has not reaped yet, a zombie, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # Linux: the state follows the parenthesised name
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): assume it runs
+        return True
+
+
+def remove_stale_temps(target):
+    """Delete the temporary files and directories for `target` that a process no longer alive left next to it
+    (a run killed with kill -9, say)."""
+    parent = os.path.dirname(target) or "."
+    pattern = re.compile(re.escape(f".{os.path.basename(target)}.") + r"(\d+)\.")
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        m = pattern.match(name)
+        if m and not pid_alive(int(m.group(1))):
+            path = os.path.join(parent, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+
+
 def write_atomic(path, data):
     """Write bytes to `path` through a temporary file in the same directory and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=temp_prefix(path), suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -148,8 +193,10 @@ def json_shards(shard_dir):
 
 
 def temp_dir_for(target):
-    """A new hidden temporary directory next to `target`, with the usual permissions, to be renamed into place."""
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=os.path.dirname(target) or ".")
+    """A new hidden temporary directory next to `target`, with the usual permissions, to be renamed into place
+    (those a killed run left are deleted first)."""
+    remove_stale_temps(target)
+    tmp = tempfile.mkdtemp(prefix=temp_prefix(target), dir=os.path.dirname(target) or ".")
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
 
@@ -322,9 +369,13 @@ def iter_txt_stories(path, chunk_chars=1 << 24):
     """Stream the stripped, non-empty stories of a text file in which they are separated by <|endoftext|>."""
     rest = ""
     with open(path, encoding="utf-8") as f:
-        for chunk in iter(lambda: f.read(chunk_chars), ""):
-            *stories, rest = (rest + chunk).split(END_OF_TEXT)
-            yield from (s.strip() for s in stories if s.strip())
+        try:
+            for chunk in iter(lambda: f.read(chunk_chars), ""):
+                *stories, rest = (rest + chunk).split(END_OF_TEXT)
+                yield from (s.strip() for s in stories if s.strip())
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} cannot be decoded): convert "
+                            f"it to UTF-8 first, e.g. with iconv") from None
     if rest.strip():
         yield rest.strip()
 
@@ -336,14 +387,19 @@ def split_txt(path, shard_dir, stories_per_shard=100_000):
         raise DataError("--stories_per_shard must be at least 1")
     tmp = temp_dir_for(shard_dir)
     try:
-        stories, parts = iter_txt_stories(path), []
+        stories, parts, n = iter_txt_stories(path), [], 0
         with tqdm(desc=f"splitting {os.path.basename(path)}", unit=" stories") as bar:
             while batch := list(itertools.islice(stories, stories_per_shard)):
                 parts.append(os.path.join(tmp, f"part{len(parts)}"))
                 write_atomic(parts[-1], json.dumps([{"story": s} for s in batch], ensure_ascii=False).encode())
                 bar.update(len(batch))
+                n += len(batch)
         if not parts:
             raise DataError(f"{path} holds no stories")
+        if len(parts) < 2:
+            fix = f"lower --stories_per_shard to at most {n - 1}" if n > 1 else "it must hold at least two stories"
+            raise DataError(f"{path} gives a single shard ({n} stories at --stories_per_shard {stories_per_shard}), "
+                            f"but shard 0 is the validation split and training needs another: {fix}")
         width = max(2, len(str(len(parts) - 1)))  # zero-padded names sort in shard order
         for i, p in enumerate(parts):
             os.replace(p, os.path.join(tmp, f"data{i:0{width}d}.json"))
@@ -446,9 +502,19 @@ def tokenize_shard(shard, out_path, enc):
 _worker_enc = None  # each pretokenize worker process loads the tokenizer once
 
 
-def _init_worker(model_path):
+def _init_worker(model_path, parent_pid, stop):
+    """Load the tokenizer once. Ctrl-C reaches the whole process group: the parent alone handles it. A watchdog
+    ends the worker as soon as the parent sets `stop` or is gone (after kill -9 the parent can ask nothing)."""
     global _worker_enc
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_on_stop, args=(parent_pid, stop), daemon=True).start()
     _worker_enc = Tokenizer(model_path)
+
+
+def _exit_on_stop(parent_pid, stop, poll=0.2):
+    while os.getppid() == parent_pid and not stop.wait(poll):
+        pass
+    os._exit(1)
 
 
 def _tokenize_in_worker(shard, out_path):
@@ -472,17 +538,28 @@ def pretokenize(vocab_size=0, data_dir="data", workers=None, tokenizer_model=Non
     out_dir = bin_dir(vocab_size, data_dir)
     os.makedirs(out_dir, exist_ok=True)
     outs = [os.path.join(out_dir, os.path.basename(s)[:-len(".json")] + ".bin") for s in shards]
+    for out in outs:
+        remove_stale_temps(out)  # of a killed earlier run
     workers = workers or min(os.cpu_count() or 1, len(shards))
     n_stories = n_tokens = 0
     t0 = time.time()
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(model,)) as pool:
-        futures = [pool.submit(_tokenize_in_worker, s, o) for s, o in zip(shards, outs)]
+    stop = Event()
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(model, os.getpid(), stop)) as pool:
         try:
+            # the workers, forked now, never see Ctrl-C; a Ctrl-C meanwhile waits until they exist
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                futures = [pool.submit(_tokenize_in_worker, s, o) for s, o in zip(shards, outs)]
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             for fut in tqdm(as_completed(futures), total=len(futures), desc="pretokenize", unit=" shards"):
                 stories, tokens = fut.result()
                 n_stories, n_tokens = n_stories + stories, n_tokens + tokens
-        except BaseException:
+        except BaseException:  # a bad shard or Ctrl-C: stop every worker now, mid-shard, and drop its temporary file
+            stop.set()
             pool.shutdown(cancel_futures=True)
+            for out in outs:
+                remove_stale_temps(out)
             raise
     dt = time.time() - t0
     print(f"Pretokenized {len(shards)} shards into {out_dir}: {n_stories:,} stories, {n_tokens:,} tokens "
@@ -541,6 +618,19 @@ def open_bin(path):
     if size % 2:
         raise DataError(f"{path} has an odd number of bytes, not a uint16 token file: run pretokenize again")
     return np.memmap(path, dtype=np.uint16, mode="r") if size else np.zeros(0, dtype=np.uint16)
+
+
+def check_token_ids(tokenizer, vocab_size=0, data_dir="data"):
+    """Raise DataError if a .bin shard holds a token id outside the tokenizer's vocabulary (shards written with
+    another tokenizer). One pass over the memory-mapped shards."""
+    d = bin_dir(vocab_size, data_dir)
+    for path in sorted(glob.glob(os.path.join(d, "*.bin"))):
+        tokens = open_bin(path)
+        top = int(tokens.max()) if len(tokens) else -1
+        if top >= tokenizer.n_words:
+            raise DataError(f"{path} holds token id {top}, outside the {tokenizer.n_words:,} tokens of "
+                            f"{tokenizer.model_path}: it was pretokenized with another tokenizer; run "
+                            f"{command('pretokenize', vocab_size, data_dir)} again")
 
 
 class Windows:
@@ -695,7 +785,10 @@ def main(argv=None):
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted (run the same command again: downloads resume)", file=sys.stderr)
+        what = {"download": "run the same command again: the download resumes where it stopped",
+                "pretokenize": "no half-written shard was kept; run the same command again to encode every shard",
+                "train_vocab": "nothing was written; run the same command again"}[args.stage]
+        print(f"error: interrupted: {what}", file=sys.stderr)
         return 130
     return 0
 

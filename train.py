@@ -11,11 +11,13 @@ $ python train.py --sa 8 --ra 0 --symbol_type NA --pos_enc_type RoPE --ra_type N
 DDP on the 4 GPUs of one node (gradient_accumulation_steps is divided by the number of processes):
 $ torchrun --standalone --nproc_per_node 4 train.py --sa 4 --ra 4 ... --gradient_accumulation_steps 4
 
-Resume the newest run under out/: the same command plus --init_from resume (or --ckpt_path DIR_OR_FILE).
-Each run writes out/<run name>/ckpt.pt and metrics.jsonl; data come from tiny_stories_data.py.
+Continue a run: the same command plus --init_from resume (it finds the run under out/ with these settings; or
+--ckpt_path DIR_OR_FILE). Each run writes out/<run name>/config.json, ckpt.pt and metrics.jsonl; data come from
+tiny_stories_data.py.
 """
 
 import argparse
+import fcntl
 import glob
 import json
 import math
@@ -24,7 +26,8 @@ import shlex
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+import zipfile
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import asdict, fields
 from datetime import datetime
 
@@ -34,9 +37,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
 import reference
-from tiny_stories_data import BatchLoader, DataError, Tokenizer, eval_batches, tokenizer_path
+from tiny_stories_data import BatchLoader, DataError, Tokenizer, check_token_ids, eval_batches, tokenizer_path
 
 DERIVED_FIELDS = ("bias", "n_symbols", "symbol_heads", "max_rel_pos")  # ModelConfig fields that are not flags
+MODEL_FLAGS = tuple(f.name for f in fields(M.ModelConfig) if f.name not in DERIVED_FIELDS)
+# the settings that make a run: --init_from resume continues the run whose recorded settings all equal the command's
+# (every other flag may change from one leg of a run to the next, e.g. --max_iters, --eval_interval, --dropout_rate)
+RUN_SETTINGS = tuple(f for f in MODEL_FLAGS if f != "dropout_rate") + (
+    "data_dir", "dtype", "batch_size", "gradient_accumulation_steps", "learning_rate", "use_cosine_sched",
+    "warmup_iters", "weight_decay", "beta1", "beta2", "grad_clip", "seed")
+START_FLAGS = ("init_from", "ckpt_path", "out_dir", "eval_only")  # how a leg starts, not what the run is
+CONFIG_FILE, LOCK_FILE = "config.json", "train.lock"  # in each run directory, next to ckpt.pt
 PROMPTS = ["Once upon a time,", "There once was a girl named ", "On a rainy day,", "Emma went to", "", "", ""]
 
 
@@ -61,8 +72,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return action.help + " (default: %(default)s)"
 
 
+class Parser(argparse.ArgumentParser):
+    """Bad flags stop with a single `error: ...` line (no usage block) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python train.py --help lists the flags)\n")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = Parser(
         description=__doc__, formatter_class=HelpFormatter,
         usage="%(prog)s --sa N --ra N --symbol_type TYPE --pos_enc_type TYPE --ra_type TYPE --n_layers N "
               "--d_model N [options]")
@@ -124,10 +142,11 @@ def build_parser():
     g.add_argument("--always_save_checkpoint", default=0, **switch,
                    help="1: write ckpt.pt at every evaluation; 0: only when the val loss improves")
     g.add_argument("--init_from", default="scratch", choices=("scratch", "resume"),
-                   help="resume: continue a checkpoint (the flags must describe its model)")
+                   help="resume: continue the run under out_dir whose model and training settings equal these flags "
+                        "(README: Resuming)")
     g.add_argument("--ckpt_path", default=None,
-                   help="checkpoint file or run directory that --init_from resume continues "
-                        "(default: the newest ckpt.pt under out_dir)")
+                   help="checkpoint file or run directory that --init_from resume continues (its settings must "
+                        "equal the flags too; default: the one matching run under out_dir)")
     g.add_argument("--out_dir", default="out", help="runs are written to out_dir/<run name>/")
 
     g = p.add_argument_group("data")
@@ -150,8 +169,9 @@ def build_parser():
     g.add_argument("--wandb_project", default="dual_attention--tiny_stories-LM", help="W&B project name")
 
     g = p.add_argument_group("samples (generated at the end of training)")
-    g.add_argument("--sample_tokens", default=100, type=int, help="new tokens per sample")
-    g.add_argument("--temperature", default=1.0, type=float, help="sampling temperature")
+    g.add_argument("--sample_tokens", default=100, type=int, help="new tokens per sample (0: no samples)")
+    g.add_argument("--temperature", default=1.0, type=float, help="sampling temperature (0: greedy, the most likely "
+                                                                  "token each time)")
     g.add_argument("--top_k", default=None, type=int, help="sample among the k most likely tokens (default: all tokens)")
     return p
 
@@ -161,11 +181,11 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     positive = ["n_layers", "d_model", "max_seq_len", "batch_size", "gradient_accumulation_steps", "eval_interval",
-                "eval_iters", "log_interval", "sample_tokens"]
+                "eval_iters", "log_interval"]
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive (got {getattr(args, name)})")
-    for name in ("sa", "ra", "max_iters", "warmup_iters", "vocab_size"):
+    for name in ("sa", "ra", "max_iters", "warmup_iters", "vocab_size", "sample_tokens"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must not be negative (got {getattr(args, name)})")
     if args.n_epochs == 0 or args.n_epochs < -1:
@@ -175,10 +195,29 @@ def parse_args(argv=None):
         parser.error(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must be divisible by the "
                      f"number of DDP processes ({world_size})")
     try:
+        check_ranges(args)
         config = M.ModelConfig.from_flags(args)
     except ValueError as e:
         parser.error(str(e))
     return args, config
+
+
+def check_ranges(args):
+    """ValueError for a flag outside its range that parse_args does not check by sign (NaN fails every test)."""
+    if args.dff is not None and args.dff <= 0:
+        raise ValueError(f"--dff must be positive (got {args.dff})")
+    if not args.learning_rate > 0:
+        raise ValueError(f"--learning_rate must be positive (got {args.learning_rate})")
+    for name in ("beta1", "beta2", "dropout_rate"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be in [0, 1) (got {getattr(args, name)})")
+    for name in ("weight_decay", "grad_clip"):
+        if not getattr(args, name) >= 0:
+            raise ValueError(f"--{name} must not be negative (got {getattr(args, name)})")
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be 0 (greedy) or positive (got {args.temperature})")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top_k must be at least 1 (got {args.top_k})")
 
 
 # -----------------------------------------------------------------------------
@@ -247,6 +286,12 @@ def setup_device(args):
         raise RunError(f"--device {args.device}: not a device (auto, cpu, cuda, cuda:N, mps)", code=2) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError(f"--device {args.device}: CUDA is not available here", code=2)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RunError(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices", code=2)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RunError(f"--device {args.device}: Apple MPS is not available here", code=2)
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise RunError(f"--device {args.device}: not supported (auto, cpu, cuda, cuda:N, mps)", code=2)
     distributed = "RANK" in os.environ
     rank, local_rank, world_size = 0, 0, 1
     if distributed:
@@ -304,19 +349,152 @@ def set_rng_state(state, device):
 # -----------------------------------------------------------------------------
 # checkpoints
 
-def find_checkpoint(args):
-    """The ckpt.pt that --init_from resume continues: --ckpt_path (a file or a run directory), else the most
-    recently written ckpt.pt in the run directories under out_dir."""
+def run_settings(flags):
+    """The RUN_SETTINGS in a dict of flags (a command's or a run's record), for comparison: the model's as
+    ModelConfig holds them where the record allows (it resets the flags a model does not use, e.g. a Transformer's
+    --symbol_type), data_dir normalised."""
+    values = {name: flags[name] for name in RUN_SETTINGS if name in flags}
+    try:
+        model = asdict(M.ModelConfig.from_flags(flags))
+        values.update({name: model[name] for name in MODEL_FLAGS if name in values and name != "vocab_size"})
+    except (ValueError, TypeError):  # a record that builds no model: compared as written
+        pass
+    if isinstance(values.get("data_dir"), str):
+        values["data_dir"] = os.path.normpath(values["data_dir"])
+    return values
+
+
+def recorded_config(ckpt_path):
+    """The config a run recorded: config.json next to its checkpoint, else (a run of the authors' train.py, or one
+    of ours from before config.json) the config stored in the checkpoint, read without loading its tensors.
+    RunError if neither can be read."""
+    path = os.path.join(os.path.dirname(ckpt_path), CONFIG_FILE)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise RunError(f"{path} is unreadable ({e})") from None
+        if not isinstance(config, dict):
+            raise RunError(f"{path} is not a JSON object of settings")
+        return config
+    ckpt = load_checkpoint(ckpt_path, mmap=zipfile.is_zipfile(ckpt_path))  # (the legacy format cannot be mapped)
+    config = dict(ckpt.get("config") or {})
+    if "kind" not in ckpt:  # the authors' train.py has no --dtype: their dtype was their GPU's, not a setting
+        config.pop("dtype", None)
+    return config
+
+
+def setting_differences(recorded, ours):
+    """'--flag RECORDED (this command: OURS)' for each run setting that the run recorded with another value."""
+    theirs, mine = run_settings(recorded), run_settings(ours)
+    return [f"--{name} {recorded[name]} (this command: {ours[name]})" for name in RUN_SETTINGS
+            if name in theirs and theirs[name] != mine[name]]
+
+
+def find_run(args, dtype):
+    """(ckpt_path, recorded config) of the run that --init_from resume continues: --ckpt_path (a file or a run
+    directory), else the one run under out_dir that recorded exactly this command's RUN_SETTINGS. RunError, never
+    a guess: when --ckpt_path's run has other settings (code 2, naming the flags), when no run under out_dir
+    matches (code 2, listing each run and its differing flags) or when several do (code 2, listing them)."""
+    ours = dict(vars(args), dtype=dtype)
     if args.ckpt_path:
         path = os.path.join(args.ckpt_path, "ckpt.pt") if os.path.isdir(args.ckpt_path) else args.ckpt_path
         if not os.path.isfile(path):
             raise RunError(f"no checkpoint at {path}")
-        return path
-    found = glob.glob(os.path.join(glob.escape(args.out_dir), "*", "ckpt.pt"))
+        recorded = recorded_config(path)
+        differ = setting_differences(recorded, ours)
+        if differ:
+            raise RunError(f"--ckpt_path {path}: the run was trained with other settings: {', '.join(differ)}; give "
+                           f"the run's flags to continue it", code=2)
+        return path, recorded
+    found = sorted(glob.glob(os.path.join(glob.escape(args.out_dir), "*", "ckpt.pt")), key=os.path.getmtime,
+                   reverse=True)
     if not found:
         raise RunError(f"--init_from resume: no run directory with a ckpt.pt in {args.out_dir} "
                        "(give --out_dir or --ckpt_path)")
-    return max(found, key=os.path.getmtime)
+    matches, others = [], []
+    for path in found:
+        try:
+            recorded = recorded_config(path)
+            differ = setting_differences(recorded, ours)
+        except RunError as e:
+            recorded, differ = None, [str(e)]
+        if differ:
+            others.append(f"{os.path.dirname(path)} ({', '.join(differ)})")
+        else:
+            matches.append((path, recorded))
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise RunError(f"--init_from resume: {len(matches)} runs in {args.out_dir} have this command's settings: "
+                       f"{', '.join(os.path.dirname(p) for p, _ in matches)}; choose one with --ckpt_path DIR", code=2)
+    raise RunError(f"--init_from resume: no run in {args.out_dir} has this command's settings: {'; '.join(others)}; "
+                   f"give the flags of the run to continue (with --ckpt_path DIR to name it)", code=2)
+
+
+def changed_settings(recorded, args, device):
+    """'--flag OLD -> NEW' for the flags outside RUN_SETTINGS that this leg of the run changes (e.g. --max_iters)."""
+    current = dict(vars(args), device=str(device))
+    return [f"--{name} {recorded[name]} -> {value}" for name, value in current.items()
+            if name not in RUN_SETTINGS and name not in START_FLAGS and name in recorded and recorded[name] != value]
+
+
+@contextmanager
+def run_lock(run_dir):
+    """One writer per run directory: an exclusive lock on run_dir/train.lock (which holds the owner's pid), held
+    while the block runs; the OS drops it when the process ends, kill -9 included. RunError if another process
+    holds it."""
+    path = os.path.join(run_dir, LOCK_FILE)
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise RunError(f"cannot write to the run directory {run_dir}: {e.strerror}") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunError(f"the run directory {run_dir} is in use by another process (pid "
+                           f"{f.read().strip() or 'unknown'}): wait for it to end, or stop it first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
+def load_checkpoint(path, mmap=False):
+    """torch.load of a checkpoint, after a CRC check of every record of its zip archive (torch.load checks none: a
+    flipped bit in a tensor would load silently). RunError naming the file when it is damaged or not ours."""
+    advice = "use another copy of the checkpoint, or start the run afresh without --init_from resume"
+    try:
+        if not mmap and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad:
+                raise RunError(f"{path} is corrupted (checksum mismatch in its record {bad}): {advice}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RunError:
+        raise
+    except Exception as e:  # truncated, empty, text...: torch raises all kinds
+        why = " ".join(str(e).split())[:120] or type(e).__name__
+        raise RunError(f"{path} is not a readable checkpoint (truncated or corrupted: {why}): {advice}") from None
+    missing = [k for k in ("model", "model_args", "iter_num") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise RunError(f"{path} is not a checkpoint of train.py (no {', '.join(missing)}): {advice}")
+    return ckpt
+
+
+def write_config(run_dir, config):
+    """The run's settings as run_dir/config.json (written anew at the start of every leg, atomically)."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(config, f, indent=1)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise RunError(f"cannot write {path}: {e.strerror}") from None
 
 
 def check_checkpoint_model(ckpt, config):
@@ -350,13 +528,21 @@ def load_optimizer_state(optimizer, ckpt):
 
 
 def save_checkpoint(path, ckpt):
-    """torch.save to a temporary file, then an atomic rename: a crash never leaves a half-written ckpt.pt."""
+    """torch.save to a temporary file, then an atomic rename: a crash or a full disk never leaves a half-written
+    ckpt.pt (RunError; the previous checkpoint stays)."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports some write errors as RuntimeError
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        why = e.strerror if isinstance(e, OSError) else " ".join(str(e).split())
+        kept = "the previous checkpoint is kept" if os.path.exists(path) else "no checkpoint was written"
+        raise RunError(f"writing the checkpoint {path} failed ({why}): stopped, {kept}") from None
 
 
 @contextmanager
@@ -413,19 +599,30 @@ class Logger:
     """Rank 0 prints, appends to <run dir>/metrics.jsonl (exact floats) and logs to W&B; other ranks stay silent."""
 
     def __init__(self, master):
-        self.master, self.metrics, self.wandb = master, None, None
+        self.master, self.metrics, self.metrics_path, self.wandb = master, None, None, None
 
     def print(self, *parts):
         if self.master:
             print(*parts, flush=True)
 
     def open(self, run_dir):
-        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        try:
+            self.metrics = open(self.metrics_path, "a")
+        except OSError as e:
+            raise RunError(f"cannot write {self.metrics_path}: {e.strerror}") from None
 
     def log(self, record):
         if self.metrics:
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
+            try:
+                self.metrics.write(json.dumps(record) + "\n")
+                self.metrics.flush()
+            except OSError as e:  # a full disk, say: stop with the checkpoints written so far
+                metrics, self.metrics = self.metrics, None
+                with suppress(OSError):
+                    metrics.close()
+                raise RunError(f"writing {self.metrics_path} failed ({e.strerror}): stopped; the checkpoint written "
+                               f"last is kept: make room, then continue with --init_from resume") from None
         if self.wandb:
             self.wandb.log(record)
 
@@ -476,14 +673,16 @@ def generate_samples(model, tokenizer, args, device):
 def main(argv=None):
     args, config = parse_args(argv)
     try:
-        return train(args, config)
-    except (RunError, DataError) as e:
+        with ExitStack() as held:  # the lock of the run directory, released however the run ends
+            return train(args, config, held)
+    except (RunError, DataError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return getattr(e, "code", 1)
 
 
-def train(args, config):
-    """Set up (device, checkpoint, model, data, optimizer), then evaluate only, or train and sample."""
+def train(args, config, held):
+    """Set up (device, checkpoint, model, data, optimizer), then evaluate only, or train and sample. The run
+    directory's lock joins the ExitStack `held`."""
     kind, model_args = reference.reference_args(config)  # what checkpoints record, in the authors' names
     device, rank, world_size = setup_device(args)
     log = Logger(master=rank == 0)
@@ -491,9 +690,15 @@ def train(args, config):
     log.print(f"device {device}, dtype {dtype}")
     ckpt = ckpt_path = None
     if args.init_from == "resume":
-        ckpt_path = find_checkpoint(args)
+        ckpt_path, recorded = find_run(args, dtype)
         log.print(f"resuming from {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if changed := changed_settings(recorded, args, device):
+            log.print(f"changed since the run's last leg: {', '.join(changed)}")
+        if unrecorded := [f"--{name}" for name in RUN_SETTINGS if name not in recorded]:
+            log.print(f"note: the run does not record {', '.join(unrecorded)}: this command's values are used")
+        if log.master and not args.eval_only:
+            held.enter_context(run_lock(os.path.dirname(ckpt_path)))
+        ckpt = load_checkpoint(ckpt_path)
         check_checkpoint_model(ckpt, config)
     torch.manual_seed(args.seed + rank)
     if ckpt is None:
@@ -507,6 +712,7 @@ def train(args, config):
         raise RunError(f"{tokenizer.model_path} has {tokenizer.n_words} tokens, the model {config.vocab_size}")
     loader = BatchLoader("train", args.batch_size, args.max_seq_len, args.vocab_size, args.data_dir, device,
                          seed=args.seed, rank=rank)
+    check_token_ids(tokenizer, args.vocab_size, args.data_dir)
 
     trainer = Trainer(args, raw_model, kind, model_args, loader, device, dtype, rank, world_size, log)
     if ckpt is not None:
@@ -522,6 +728,8 @@ def train(args, config):
     run_dir = None
     if log.master:
         run_dir = os.path.dirname(ckpt_path) if ckpt_path else new_run_dir(args)
+        if not ckpt_path:
+            held.enter_context(run_lock(run_dir))
         n_params, n_embedding = raw_model.num_params(), raw_model.layers.token_embedder.weight.numel()
         run_config = dict(vars(args), device=str(device), dtype=dtype, kind=kind, arch=args.arch,
                           model_args=model_args, model_config=asdict(config), world_size=world_size,
@@ -529,13 +737,14 @@ def train(args, config):
                           n_params_wo_embedding=n_params - n_embedding, run_name=os.path.basename(run_dir),
                           run_dir=run_dir)
         log.print(f"run directory {run_dir}")
+        write_config(run_dir, run_config)
         log.open(run_dir)
         trainer.config = run_config
         trainer.wandb_run_id = log.start_wandb(args, run_config["run_name"], run_dir, run_config,
                                                trainer.wandb_run_id)
     exit_code = trainer.run(total_steps, run_dir)
     trainer.finish()
-    if exit_code == 0 and log.master:
+    if exit_code == 0 and log.master and args.sample_tokens:
         samples = generate_samples(raw_model, tokenizer, args, device)
         log.print("\n" + "=" * 100 + "\nGENERATED SAMPLES")
         for prompt, sample in zip(PROMPTS, samples):
@@ -556,6 +765,8 @@ def new_run_dir(args):
         except FileExistsError:
             n += 1
             path = f"{base}_{n}"
+        except OSError as e:
+            raise RunError(f"cannot create the run directory {path}: {e.strerror} (check --out_dir)") from None
 
 
 class Trainer:

@@ -17,10 +17,12 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -532,32 +534,133 @@ def cli_case(case, tmp_path):
         return ["pretokenize", "--vocab_size", "512"], "run `python tiny_stories_data.py train_vocab --vocab_size 512`"
     if case == "train_vocab without shards":
         return ["train_vocab", "--vocab_size", "512"], "run `python tiny_stories_data.py download` first"
+    if case == "non-UTF-8 text":
+        (tmp_path / "b.txt").write_bytes(b"A story.<|endoftext|>Another.<|endoftext|>\xff<|endoftext|>x")
+        return ["download", "--source", "b.txt", "--stories_per_shard", "1"], "b.txt is not UTF-8 text (byte 0xff"
+    if case == "text of one shard":
+        (tmp_path / "one.txt").write_text("<|endoftext|>".join(make_stories(3)), encoding="utf-8")
+        return ["download", "--source", "one.txt"], \
+            "one.txt gives a single shard (3 stories at --stories_per_shard 100000), but shard 0 is the validation " \
+            "split and training needs another: lower --stories_per_shard to at most 2"
     assert case == "vocab too large"
     return ["train_vocab", "--vocab_size", "70000"], "does not fit uint16"
 
 
 CLI_CASES = ["corrupted archive", "missing source", "no shards", "missing tokenizer", "train_vocab without shards",
-             "vocab too large"]
+             "vocab too large", "non-UTF-8 text", "text of one shard"]
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    """Every case in its own directory, the processes run concurrently (each imports torch)."""
-    cases = {}
-    for case in CLI_CASES:
-        cwd = tmp_path / case.replace(" ", "_")
-        cwd.mkdir()
-        args, message = cli_case(case, cwd)
-        before = sorted(p.relative_to(cwd) for p in cwd.rglob("*"))
-        proc = subprocess.Popen([sys.executable, str(REPO / "tiny_stories_data.py"), *args], cwd=cwd,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        cases[case] = (proc, cwd, message, before)
-    for case, (proc, cwd, message, before) in cases.items():
-        out, err = proc.communicate(timeout=120)
-        lines = err.strip().splitlines()
-        assert proc.returncode == 1, (case, err)
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (case, err)
-        new = [p for p in cwd.rglob("*") if p.relative_to(cwd) not in before]
-        assert all(p.is_dir() and not any(p.iterdir()) for p in new), (case, new)  # at most an empty data dir
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, case):
+    """main() in this process: the message, exit status 1, and nothing written (at most an empty data dir)."""
+    monkeypatch.chdir(tmp_path)
+    args, message = cli_case(case, tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code = tsd.main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    new = [p for p in tmp_path.rglob("*") if p.relative_to(tmp_path) not in before]
+    assert all(p.is_dir() and not any(p.iterdir()) for p in new), new
+
+
+# -----------------------------------------------------------------------------
+# killed and interrupted processes
+
+def live_children(pid):
+    """Process ids whose parent is `pid` and that have not exited (zombies are dead), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError):
+            continue
+        if int(ppid) == pid and state != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pids):
+    return [p for p in pids if Path(f"/proc/{p}/stat").exists() and
+            Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+
+
+@pytest.fixture(scope="module")
+def busy_data(tmp_path_factory, tiny_tok):
+    """Eight shards of 3,000 stories and the tiny tokenizer: pretokenize runs for about a second with 2 workers."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc to find the worker processes")
+    data_dir = tmp_path_factory.mktemp("busy")
+    write_shards(data_dir / tsd.SHARD_DIR, [make_stories(3000, seed=9)] * 8)
+    shutil.copy(tiny_tok[1], data_dir)
+    return data_dir
+
+
+def start_pretokenize(data_dir):
+    """pretokenize in its own process group (as a terminal runs it); returns it and its 2 workers, once started."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "tiny_stories_data.py"), "pretokenize", "--vocab_size",
+                             str(VOCAB), "--data_dir", str(data_dir), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len(workers := live_children(proc.pid)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    return proc, workers
+
+
+def wait_gone(pids, seconds=5):
+    deadline = time.monotonic() + seconds
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive(pids)
+
+
+def test_pretokenize_workers_die_with_a_killed_parent(busy_data):
+    """kill -9 of pretokenize: its workers exit too (they were left hanging forever); the next run cleans up what
+    they were writing and finishes."""
+    proc, workers = start_pretokenize(busy_data)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert wait_gone(workers) == []
+    assert tsd.pretokenize(VOCAB, str(busy_data), workers=2) > 0
+    assert len(list((busy_data / f"tok{VOCAB}").glob("*.bin"))) == 8
+    assert leftovers(busy_data) == []
+
+
+def test_pretokenize_ctrl_c_is_one_line(busy_data):
+    """Ctrl-C (SIGINT to the process group): one line that does not promise a resumed download, exit 130, the
+    workers stopped at once, no temporary file left."""
+    proc, workers = start_pretokenize(busy_data)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == ["error: interrupted: no half-written shard was kept; run the same command "
+                                        "again to encode every shard"]
+    assert wait_gone(workers) == []
+    assert leftovers(busy_data) == []
+
+
+def test_download_killed_mid_split_leaves_nothing_for_good(tiny_tok, tmp_path):
+    """kill -9 of download while it writes shards into its hidden temporary directory: the next run removes that
+    directory (its process is gone) and completes."""
+    stories = make_stories(1500, seed=10)
+    (tmp_path / "s.txt").write_text("<|endoftext|>".join(stories), encoding="utf-8")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    proc = subprocess.Popen([sys.executable, str(REPO / "tiny_stories_data.py"), "download", "--source",
+                             str(tmp_path / "s.txt"), "--data_dir", str(data_dir), "--stories_per_shard", "10"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (temp := list(data_dir.glob(".TinyStories_all_data.*"))) or len(list(temp[0].iterdir())) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert temp[0].exists()  # what the killed run left
+    tsd.download(str(data_dir), source=str(tmp_path / "s.txt"), tokenizer_model=tiny_tok[1], stories_per_shard=10)
+    shards = tsd.json_shards(str(data_dir / tsd.SHARD_DIR))
+    assert len(shards) == 150 and tsd.read_stories(shards[-1])[-1] == stories[-1].strip()
+    assert leftovers(data_dir) == []
 
 
 def test_cli_help_lists_options(capsys):

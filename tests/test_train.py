@@ -2,7 +2,7 @@
 Tests of train.py on CPU with tiny models and a repetitive toy corpus, tokenized by a SentencePiece model that
 tiny_stories_data.py trains here in a second. Runs go through train.main() in this process where that is enough,
 and through real subprocesses where the process boundary is the point: exact resume in a new process, SIGTERM,
-torchrun (gloo), the real W&B package offline, and the one-line errors of the command line.
+two processes on one run directory, torchrun (gloo), the real W&B package offline.
 """
 
 import glob
@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,10 +68,21 @@ def args_for(data_dir, out_dir, model_flags, *extra):
 
 
 def run_main(capsys, argv):
-    """train.main in this process: (exit code, stdout, stderr)."""
-    code = train.main(argv)
+    """train.main in this process: (exit code, stdout, stderr); argparse's exit is an exit code too."""
+    try:
+        code = train.main(list(map(str, argv)))
+    except SystemExit as e:
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def assert_one_line_error(err, *messages):
+    """stderr is exactly one `error: ...` line holding every message (so no traceback either)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for message in messages:
+        assert message in lines[0], (message, lines[0])
 
 
 def run_script(argv, env=None, launcher=("train.py",), **kwargs):
@@ -164,14 +176,68 @@ def test_help_explains_every_flag():
     (TRANSFORMER + ["--gradient_accumulation_steps", "3"], {"WORLD_SIZE": "2"},
      "--gradient_accumulation_steps 3 must be divisible by the number of DDP processes (2)"),
 ], ids=["ra-with-NA-symbols", "width-not-divisible", "accumulation-vs-world-size"])
-def test_contradictory_flags_give_a_one_line_error(tmp_path, argv, env, message):
-    result = run_script([*argv, "--n_layers", "1", *([] if "--d_model" in argv else ["--d_model", "32"]),
-                         "--data_dir", tmp_path / "no_data", "--out_dir", tmp_path / "out"], env=env)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and message in errors[0], result.stderr
+def test_contradictory_flags_give_a_one_line_error(tmp_path, capsys, monkeypatch, argv, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run_main(capsys, [*argv, "--n_layers", "1", *([] if "--d_model" in argv else ["--d_model", "32"]),
+                                     "--data_dir", tmp_path / "no_data", "--out_dir", tmp_path / "out"])
+    assert code == 2
+    assert_one_line_error(err, message)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "-1"], "--temperature must be 0 (greedy) or positive (got -1.0)"),
+    (["--temperature", "nan"], "--temperature must be 0 (greedy) or positive (got nan)"),
+    (["--top_k", "0"], "--top_k must be at least 1 (got 0)"),
+    (["--top_k", "-3"], "--top_k must be at least 1 (got -3)"),
+    (["--sample_tokens", "-1"], "--sample_tokens must not be negative (got -1)"),
+    (["--learning_rate", "0"], "--learning_rate must be positive (got 0.0)"),
+    (["--learning_rate", "-0.001"], "--learning_rate must be positive (got -0.001)"),
+    (["--beta1", "1"], "--beta1 must be in [0, 1) (got 1.0)"),
+    (["--beta2", "-0.1"], "--beta2 must be in [0, 1) (got -0.1)"),
+    (["--dropout_rate", "1.5"], "--dropout_rate must be in [0, 1) (got 1.5)"),
+    (["--weight_decay", "-1"], "--weight_decay must not be negative (got -1.0)"),
+    (["--grad_clip", "-1"], "--grad_clip must not be negative (got -1.0)"),
+    (["--dff", "0"], "--dff must be positive (got 0)"),
+    (["--device", "mps"], "--device mps: Apple MPS is not available here"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available here"),
+    (["--batch_size", "many"], "argument --batch_size: invalid int value: 'many'"),
+    (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_flag_values_stop_before_anything_runs(data_dir, tmp_path, capsys, flags, message):
+    """Each value that used to fail after training (sampling flags) or deep inside it: exit 2, one line, nothing
+    written."""
+    if flags[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path / "out", TRANSFORMER, *flags))
+    assert code == 2
+    assert_one_line_error(err, message)
+    assert not (tmp_path / "out").exists()
+
+
+def greedy(model, idx, n):
+    """n tokens after idx, each the argmax of the model's next-token logits."""
+    for _ in range(n):
+        idx = torch.cat((idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
+    return idx
+
+
+def test_temperature_zero_samples_greedily_and_sample_tokens_zero_skips(data_dir, tmp_path, capsys):
+    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path / "greedy", TRANSFORMER, *CONSTANT_LR, "--max_iters",
+                                             2, "--eval_interval", 2, "--temperature", 0, "--sample_tokens", 5))
+    assert code == 0
+    model = R.model_from_checkpoint(load_ckpt(the_run_dir(tmp_path / "greedy")))  # the final weights
+    tokenizer = D.Tokenizer(os.path.join(data_dir, f"tok{VOCAB}.model"))
+    with torch.no_grad():
+        for prompt in train.PROMPTS[:4]:
+            idx = torch.tensor([tokenizer.encode(prompt)])
+            assert f"GENERATED TEXT:\n{tokenizer.decode(greedy(model, idx, 5)[0])}\n" in out
+            assert torch.equal(model.generate(idx, 5, temperature=0, top_k=3), greedy(model, idx, 5))
+
+    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path / "none", TRANSFORMER, "--max_iters", 2,
+                                             "--eval_interval", 2, "--sample_tokens", 0))
+    assert code == 0 and "GENERATED" not in out and "PROMPT" not in out
 
 
 def test_learning_rate_schedule():
@@ -194,21 +260,6 @@ def test_epochs_or_max_iters_whichever_comes_first():
     assert train.training_steps(args, 10_000, 1024)[0] == 7
     args.n_epochs = -1
     assert train.training_steps(args, 10_000, 1024)[0] == 7
-
-
-def test_resume_defaults_to_the_newest_checkpoint(tmp_path):
-    for name, mtime in (("b", 100), ("a", 200), ("c", 50)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "ckpt.pt").write_bytes(b"")
-        os.utime(tmp_path / name / "ckpt.pt", (mtime, mtime))
-    args = train.build_parser().parse_args(TRANSFORMER + ["--n_layers", "1", "--d_model", "32", "--out_dir",
-                                                          str(tmp_path), "--init_from", "resume"])
-    assert train.find_checkpoint(args) == str(tmp_path / "a" / "ckpt.pt")
-    args.ckpt_path = str(tmp_path / "c")
-    assert train.find_checkpoint(args) == str(tmp_path / "c" / "ckpt.pt")
-    args.ckpt_path, args.out_dir = None, str(tmp_path / "empty")
-    with pytest.raises(train.RunError, match="no run directory with a ckpt.pt"):
-        train.find_checkpoint(args)
 
 
 # -----------------------------------------------------------------------------
@@ -304,7 +355,8 @@ def test_paper_arch_decays_every_matrix_and_resumes(data_dir, tmp_path, capsys):
     assert len(no_decay["params"]) == sum(p.dim() < 2 for p in trainable) and no_decay["weight_decay"] == 0.0
     assert len(trainable) == sum(1 for _ in model.parameters()) - 1  # the frozen symbol library
 
-    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path, flags, "--init_from", "resume", "--eval_only", 1))
+    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path, flags, *CONSTANT_LR, "--init_from", "resume",
+                                             "--eval_only", 1))
     assert code == 0
     assert f"step 4: train loss {evals(run_dir)[-1]['train/loss']:.4f}" in out
 
@@ -325,8 +377,8 @@ def test_eval_only_evaluates_and_writes_nothing(data_dir, tmp_path, capsys, trai
     assert not (tmp_path / "fresh").exists()
 
     before, n_records = Path(trained_run, "ckpt.pt").read_bytes(), len(metrics(trained_run))
-    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path / "unused", TRANSFORMER, "--eval_only", 1,
-                                             "--init_from", "resume", "--ckpt_path", trained_run))
+    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path / "unused", TRANSFORMER, *CONSTANT_LR, "--eval_only",
+                                             1, "--init_from", "resume", "--ckpt_path", trained_run))
     assert code == 0
     last = evals(trained_run)[-1]  # the evaluation the checkpoint was written after
     assert f"step 4: train loss {last['train/loss']:.4f}, val loss {last['val/loss']:.4f}" in out
@@ -336,18 +388,169 @@ def test_eval_only_evaluates_and_writes_nothing(data_dir, tmp_path, capsys, trai
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--arch", "paper"], "the checkpoint is --arch current, the flags say --arch paper"),
-    (["--n_layers", "2"], "n_layers 1 (flags: 2)"),
-], ids=["arch", "n_layers"])
-def test_resume_refuses_flags_of_another_model(data_dir, tmp_path, capsys, trained_run, flags, message):
-    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, "--init_from", "resume",
+    (["--arch", "paper"], "--arch current (this command: paper)"),
+    (["--n_layers", "2"], "--n_layers 1 (this command: 2)"),
+    (["--max_seq_len", "64"], "--max_seq_len 32 (this command: 64)"),
+    (["--learning_rate", "1e-3", "--batch_size", "4"], "--batch_size 8 (this command: 4), --learning_rate 0.01 "
+                                                       "(this command: 0.001)"),
+], ids=["arch", "n_layers", "max_seq_len", "training"])
+def test_resume_refuses_flags_of_another_run(data_dir, tmp_path, capsys, trained_run, flags, message):
+    before = Path(trained_run, "ckpt.pt").read_bytes()
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
                                              "--ckpt_path", trained_run, *flags))
     assert code == 2
-    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert_one_line_error(err, f"--ckpt_path {trained_run}/ckpt.pt: the run was trained with other settings: "
+                               f"{message}; give the run's flags")
+    assert Path(trained_run, "ckpt.pt").read_bytes() == before
+
+
+def test_resume_without_recorded_settings_names_model_flags(data_dir, tmp_path, capsys, trained_run):
+    """A checkpoint that records no settings (no config.json, no config) is checked on its model: the error names
+    the flag (--max_seq_len), not the constructor's argument (max_block_size)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save(dict(load_ckpt(trained_run), config=None), run_dir / "ckpt.pt")
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
+                                             "--ckpt_path", run_dir, "--max_seq_len", 64))
+    assert code == 2
+    assert_one_line_error(err, "the flags describe another model than the checkpoint's: --max_seq_len 32 (flags: 64)")
+    assert "max_block_size" not in err
+
+
+def run_dirs(out_dir):
+    return {d for d in glob.glob(os.path.join(glob.escape(str(out_dir)), "*")) if os.path.isdir(d)}
+
+
+def test_resume_continues_the_run_the_command_describes(data_dir, tmp_path, capsys):
+    """The issue's reproduction: run A, then run B with other training settings in the same out_dir; A's command
+    plus --init_from resume continues A, not the newer B, and says what changed. A command that matches no run, or
+    two runs, stops with one line listing them; --ckpt_path picks one."""
+    a = args_for(data_dir, tmp_path, TRANSFORMER, "--use_cosine_sched", 0, "--learning_rate", 1e-3, "--max_iters", 4,
+                 "--eval_interval", 4)
+    assert run_main(capsys, a)[0] == 0
+    [run_a] = run_dirs(tmp_path)
+    assert run_main(capsys, a + ["--learning_rate", 1e-4, "--batch_size", 4])[0] == 0
+    [run_b] = run_dirs(tmp_path) - {run_a}
+    b_ckpt = Path(run_b, "ckpt.pt").read_bytes()
+
+    code, out, _ = run_main(capsys, a + ["--init_from", "resume", "--max_iters", 8, "--ra_type", "rca"])  # (unused)
+    assert code == 0
+    assert f"resuming from {run_a}/ckpt.pt\nchanged since the run's last leg: --max_iters 4 -> 8\n" in out
+    assert load_ckpt(run_a)["iter_num"] == 8 and Path(run_b, "ckpt.pt").read_bytes() == b_ckpt
+    assert json.loads(Path(run_a, "config.json").read_text())["max_iters"] == 8  # the latest leg
+
+    Path(run_b, "config.json").unlink()  # a run from before config.json: its checkpoint's config is read instead
+    code, _, err = run_main(capsys, a + ["--init_from", "resume", "--learning_rate", 5e-4])
+    assert code == 2
+    assert_one_line_error(err, f"--init_from resume: no run in {tmp_path} has this command's settings: ",
+                          f"{run_a} (--learning_rate 0.001 (this command: 0.0005))",
+                          f"{run_b} (--batch_size 4 (this command: 8), --learning_rate 0.0001 (this command: 0.0005))",
+                          "give the flags of the run to continue")
+
+    assert run_main(capsys, a)[0] == 0  # a second run with A's settings
+    code, _, err = run_main(capsys, a + ["--init_from", "resume"])
+    assert code == 2
+    assert_one_line_error(err, f"--init_from resume: 2 runs in {tmp_path} have this command's settings: ", run_a,
+                          "choose one with --ckpt_path DIR")
+    code, out, _ = run_main(capsys, a + ["--init_from", "resume", "--ckpt_path", run_a, "--max_iters", 10])
+    assert code == 0 and "resumed at step 8" in out and load_ckpt(run_a)["iter_num"] == 10
+
+
+def test_a_second_process_cannot_write_a_run_in_use(data_dir, tmp_path, trained_run):
+    """Two processes resume one run: the second stops at once with one line naming the directory and the first
+    one's pid; the first is not disturbed. After kill -9 of the first, the OS has dropped its lock, and the
+    checkpoint and metrics it wrote are whole."""
+    run_dir = str(shutil.copytree(trained_run, tmp_path / "out" / "run"))
+    argv = args_for(data_dir, tmp_path / "out", TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
+                    "--max_iters", 100_000, "--eval_interval", 2, "--always_save_checkpoint", 1)
+    first = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("6 | loss"):  # training, with a checkpoint written at step 6
+                break
+        second = run_script(argv)
+        assert first.poll() is None, first.stderr.read()
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    assert second.returncode == 1
+    assert_one_line_error(second.stderr, f"the run directory {run_dir} is in use by another process (pid "
+                                         f"{first.pid}): wait for it to end, or stop it first")
+    assert load_ckpt(run_dir)["iter_num"] >= 6
+    assert [r["iter"] for r in evals(run_dir)][:4] == [0, 2, 4, 4]  # whole JSON lines: the first run's, then ours
+    with train.run_lock(run_dir):
+        pass
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped bit", "empty", "text"])
+def test_a_corrupt_checkpoint_is_one_line(data_dir, tmp_path, capsys, trained_run, damage):
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    path = Path(run_dir, "ckpt.pt")
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[:len(data) // 2]
+    elif damage == "flipped bit":
+        data[len(data) // 2] ^= 0x10  # inside a tensor: torch.load alone would not notice
+    else:
+        data = b"" if damage == "empty" else b"not a checkpoint\n"
+    path.write_bytes(data)
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
+                                             "--ckpt_path", run_dir, "--max_iters", 6))
+    assert code == 1
+    why = "is corrupted (checksum mismatch" if damage == "flipped bit" else "is not a readable checkpoint"
+    assert_one_line_error(err, f"{path} {why}", "use another copy of the checkpoint, or start the run afresh")
+    assert path.read_bytes() == data
+
+
+def test_token_ids_outside_the_vocabulary_stop_before_training(data_dir, tmp_path, capsys):
+    """Shards of Llama 2 ids under the directory of a 300-token vocabulary (an IndexError at the first evaluation)."""
+    bad = tmp_path / "data"
+    (bad / f"tok{VOCAB}").mkdir(parents=True)
+    shutil.copy(Path(data_dir, f"tok{VOCAB}.model"), bad)
+    np.arange(1000, dtype=np.uint16).__mod__(VOCAB).tofile(bad / f"tok{VOCAB}" / "data00.bin")
+    np.arange(31000, 32000, dtype=np.uint16).tofile(bad / f"tok{VOCAB}" / "data01.bin")
+    code, _, err = run_main(capsys, args_for(str(bad), tmp_path / "out", TRANSFORMER))
+    assert code == 1
+    assert_one_line_error(err, f"{bad / f'tok{VOCAB}' / 'data01.bin'} holds token id 31999, outside the 300 tokens "
+                               f"of {bad / f'tok{VOCAB}.model'}", f"pretokenize --vocab_size {VOCAB} --data_dir {bad}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_out_dir_is_one_line(data_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("in the way")
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path / "file" / "out", TRANSFORMER, "--max_iters", 2))
+    assert code == 1
+    assert_one_line_error(err, f"cannot create the run directory {tmp_path}/file/out/", "(check --out_dir)")
+
+
+@pytest.mark.parametrize("full", ["metrics.jsonl", "ckpt.pt.tmp"])
+def test_a_full_disk_stops_with_one_line_and_keeps_the_checkpoint(data_dir, tmp_path, capsys, trained_run, full):
+    """Writes that really fail with ENOSPC: the file is a link to /dev/full."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    good = Path(run_dir, "ckpt.pt").read_bytes()
+    if full == "metrics.jsonl":
+        Path(run_dir, full).unlink()
+    os.symlink("/dev/full", Path(run_dir, full))
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
+                                             "--ckpt_path", run_dir, "--max_iters", 6, "--eval_interval", 2,
+                                             "--always_save_checkpoint", 1))
+    assert code == 1
+    assert_one_line_error(err, {
+        "metrics.jsonl": f"writing {run_dir}/metrics.jsonl failed (No space left on device): stopped; the checkpoint "
+                         f"written last is kept",
+        "ckpt.pt.tmp": f"writing the checkpoint {run_dir}/ckpt.pt failed (No space left on device): stopped, the "
+                       f"previous checkpoint is kept"}[full])
+    assert Path(run_dir, "ckpt.pt").read_bytes() == good
+    assert not os.path.lexists(Path(run_dir, "ckpt.pt.tmp"))
 
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, capsys, trained_run):
     run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    config = json.loads(Path(run_dir, "config.json").read_text())  # as if the run had been started at lr 1e9
+    Path(run_dir, "config.json").write_text(json.dumps(dict(config, learning_rate=1e9)))
     good = Path(run_dir, "ckpt.pt").read_bytes()
     code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, "--init_from", "resume",
                                              "--ckpt_path", run_dir, "--use_cosine_sched", 0, "--learning_rate", 1e9,
@@ -392,9 +595,18 @@ def test_a_reference_checkpoint_evaluates_and_resumes(data_dir, tmp_path, capsys
         val = [model(x, y)[1].item() for x, y in eval_windows(data_dir)]
     argv = args_for(data_dir, tmp_path, MODELS["ra-symbolic"], "--init_from", "resume", "--ckpt_path", run_dir)
 
+    code, _, err = run_main(capsys, argv + ["--eval_only", "1"])  # their learning rate was 1e-3
+    assert code == 2
+    assert_one_line_error(err, "--learning_rate 0.001 (this command: 0.0005)")
+    argv += ["--learning_rate", "1e-3"]
     code, out, _ = run_main(capsys, argv + ["--eval_only", "1"])
     assert code == 0
     assert f"val loss {sum(val) / len(val):.4f}" in out and "resumed at step 3" in out
+    assert "changed since the run's last leg: " in out and "--device cuda -> cpu" in out
+    [note] = [line for line in out.splitlines() if line.startswith("note: the run does not record")]
+    flags = note.split(": ")[1].split(", ")
+    assert {"--arch", "--dtype", "--seed", "--warmup_iters"} <= set(flags)  # their dtype is not compared
+    assert "--batch_size" not in flags and "--learning_rate" not in flags
 
     code, out, _ = run_main(capsys, argv + ["--max_iters", "5", "--eval_interval", "5"])
     assert code == 0
@@ -470,7 +682,7 @@ def test_torchrun_two_cpu_processes(data_dir, tmp_path):
     assert result.stdout.count("GENERATED SAMPLES") == 1 and result.stdout.count("PROMPT:") == 7
     assert result.stdout.count("step 4: train loss") == 1
     run_dir = the_run_dir(tmp_path)
-    assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "config.json", "metrics.jsonl", "train.lock"]
     ckpt = load_ckpt(run_dir)
     assert ckpt["iter_num"] == 4 and len(ckpt["loader"]) == 2
     assert ckpt["loader"][0]["rng"] != ckpt["loader"][1]["rng"]  # each rank draws its own batches
