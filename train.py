@@ -569,28 +569,29 @@ def new_run_dir(args):
 class StepStatus:
     """The status of a step launched on the device: (mean loss, stop-signal flag) in a device tensor, copied into
     pinned host memory behind an event on CUDA, so that the host reads it later (one step later, while the device
-    runs the next step) without stalling the device."""
+    runs the next step) without stalling the device. `finished` is the clock's time when the step was seen done."""
 
-    def __init__(self, iter_num, lr, status):
-        self.iter_num, self.lr, self.event = iter_num, lr, None
+    def __init__(self, iter_num, lr, status, clock):
+        self.iter_num, self.lr, self.clock, self.event = iter_num, lr, clock, None
         if status.device.type == "cuda":
             self.host = torch.empty(status.shape, dtype=status.dtype, pin_memory=True).copy_(status, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
-        else:
-            self.host = status.cpu()
+        else:  # the step has run already
+            self.host, self.finished = status.cpu(), clock()
 
     def read(self, world_size):
         """(loss, whether any rank received a stop signal), once the step has finished."""
         if self.event is not None:
             self.event.synchronize()
+            self.finished = self.clock()
         loss_sum, signalled = self.host.tolist()
         return loss_sum / world_size, signalled > 0
 
 
 class IntervalTimer:
-    """Wall time per training step between two reads of step statuses (i.e. from the end of one logged step to the
-    end of the next), with the pauses for evaluation and checkpoints left out."""
+    """Wall time per training step from the end of one logged step to the end of the next (as the host sees them),
+    with the pauses for evaluation and checkpoints left out."""
 
     def __init__(self, first_step, clock=time.perf_counter):
         self.clock, self.last_step = clock, first_step - 1  # the steps up to last_step are done
@@ -603,11 +604,11 @@ class IntervalTimer:
     def resume(self):
         self.started = self.clock()
 
-    def lap(self, step):
-        """(seconds per step, number of steps) over the steps finished since the last lap, up to `step`."""
-        now = self.clock()
-        steps, seconds = step - self.last_step, self.elapsed + now - self.started
-        self.last_step, self.elapsed, self.started = step, 0.0, now
+    def lap(self, step, finished):
+        """(seconds per step, number of steps) over the steps done since the last lap, up to `step`, which finished
+        at the clock's time `finished`."""
+        steps, seconds = step - self.last_step, self.elapsed + finished - self.started
+        self.last_step, self.elapsed, self.started = step, 0.0, finished
         return seconds / steps, steps
 
 
@@ -725,7 +726,7 @@ class Trainer:
             if not math.isfinite(loss):
                 return self.stop_non_finite(f"the training loss is {loss}", status.iter_num)
             if status.iter_num % self.args.log_interval == 0:
-                self.log_step(status.iter_num, loss, status.lr, *self.timer.lap(status.iter_num))
+                self.log_step(status.iter_num, loss, status.lr, *self.timer.lap(status.iter_num, status.finished))
             if signalled and stop is None:
                 stop, keep = (received[0] if received else signal.SIGTERM), 0
         if stop is None:
@@ -772,7 +773,7 @@ class Trainer:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        self.pending.append(StepStatus(self.iter_num, lr, status))
+        self.pending.append(StepStatus(self.iter_num, lr, status, self.timer.clock))
         return x, y
 
     def log_step(self, iter_num, loss, lr, step_seconds, steps):

@@ -412,20 +412,18 @@ def test_statuses_are_read_one_step_late(data_dir, tmp_path, capsys, monkeypatch
 def test_interval_timer():
     now = [0.0]
     timer = train.IntervalTimer(first_step=10, clock=lambda: now[0])
-    now[0] = 2.0
-    assert timer.lap(13) == (0.5, 4)  # steps 10..13 in 2 s
+    assert timer.lap(13, finished=2.0) == (0.5, 4)  # steps 10..13 in 2 s
     now[0] = 3.0
     timer.pause()
     now[0] = 100.0  # an evaluation
     timer.resume()
-    now[0] = 104.0
-    assert timer.lap(18) == (1.0, 5)  # 1 s before the pause, 4 s after it
+    assert timer.lap(18, finished=104.0) == (1.0, 5)  # 1 s before the pause, 4 s after it
 
 
 def test_the_logged_rate_is_an_interval_average_without_evaluation(data_dir, tmp_path, capsys, monkeypatch):
     """On a clock that advances 10 ms per step, 400 ms more in step 7 and 1 s in the evaluation at step 6, logged
-    every 4 steps: the log of step 8 averages 4 steps, the slow one included, (3 x 10 + 400) / 4 = 107.5 ms/step,
-    without the evaluation (which would add 250 ms); the time of one step would be 10 or 400 ms."""
+    every 4 steps: the log of step 8 averages steps 5 to 8, the slow one included, (3 x 10 + 400) / 4 = 107.5
+    ms/step, without the evaluation (which would add 250 ms); the time of one step would be 10 or 400 ms."""
     now = [0.0]
     step, evaluate = train.Trainer.step, train.Trainer.evaluate
 
