@@ -52,6 +52,7 @@ from bench_authors import time_steps
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 from plain_attention import use_plain_attention  # noqa: E402
 
+
 def config(sa, ra, d_model, n_layers, batch, seq, symbol_type="symbolic_attention", ra_type="relational_attention"):
     flags = dict(sa=sa, ra=ra, d_model=d_model, n_layers=n_layers, max_seq_len=seq, symbol_type=symbol_type,
                  ra_type=ra_type, pos_enc_type="RoPE", vocab_size=32000)
@@ -75,6 +76,12 @@ CPU_CONFIGS = {
     "dat_d64_L2_rca": config(4, 4, 64, 2, 8, 256, ra_type="rca"),
     "dat_d64_L2_disrca": config(4, 4, 64, 2, 8, 256, ra_type="disrca"),
 }
+
+
+def resized(cfg, batch_size=None, max_seq_len=None):
+    """The config with another batch size and/or context length."""
+    flags = dict(cfg["flags"], max_seq_len=max_seq_len or cfg["flags"]["max_seq_len"])
+    return dict(flags=flags, batch=batch_size or cfg["batch"])
 
 
 REPO = Path(__file__).resolve().parent
@@ -171,9 +178,12 @@ def prepare_stories(data_dir, stories, tokenizer):
                              f"tokenizer; give {flag}, or --train_py 0)")
     os.makedirs(data_dir, exist_ok=True)
     shutil.copyfile(tokenizer, D.tokenizer_path(BENCH_VOCAB, data_dir))
-    D.download(data_dir, source=stories, tokenizer_model=D.tokenizer_path(BENCH_VOCAB, data_dir),
-               stories_per_shard=STORIES_PER_SHARD)
-    D.pretokenize(BENCH_VOCAB, data_dir)
+    try:
+        D.download(data_dir, source=stories, tokenizer_model=D.tokenizer_path(BENCH_VOCAB, data_dir),
+                   stories_per_shard=STORIES_PER_SHARD)
+        D.pretokenize(BENCH_VOCAB, data_dir)
+    except D.DataError as e:
+        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
 
 
 def train_py_command(cfg, data_dir, out_dir, device, compile_model, log_interval):
@@ -299,6 +309,8 @@ def main():
     parser.add_argument("--compile", type=int, default=None, help="1: torch.compile; default 1 on CUDA, 0 on CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 CUDA, 1 CPU)")
+    parser.add_argument("--batch_size", type=int, default=None, help="override every config's batch size")
+    parser.add_argument("--max_seq_len", type=int, default=None, help="override every config's context length")
     parser.add_argument("--train_py", type=int, default=1, choices=(0, 1),
                         help="1: also train.py's steady-state rate per config (needs the stories, see --data_dir)")
     parser.add_argument("--train_log_interval", type=int, default=None,
@@ -331,6 +343,8 @@ def main():
     unknown = [n for n in names if n not in {**CUDA_CONFIGS, **CPU_CONFIGS}]
     if unknown:
         parser.error(f"unknown configs {unknown}; known: {sorted({**CUDA_CONFIGS, **CPU_CONFIGS})}")
+    chosen = {name: resized({**CUDA_CONFIGS, **CPU_CONFIGS}[name], args.batch_size, args.max_seq_len)
+              for name in names}
     impls = [i for i in args.impls.split(",") if i]
     if set(impls) - {"fast", "plain"}:
         parser.error(f"--impls: fast and/or plain, not {args.impls}")
@@ -350,7 +364,7 @@ def main():
     if "plain" in impls:
         for name in names:
             print(f"{name}: fast vs plain hidden states, relative difference "
-                  f"{relative_difference({**CUDA_CONFIGS, **CPU_CONFIGS}[name], device):.2e}", flush=True)
+                  f"{relative_difference(chosen[name], device):.2e}", flush=True)
     print(f"{'config':<22} {'impl':<8} {'cmp':>3} {'tokens/s':>12} {'ms/step':>9} {'peakGiB':>8} {'MFU%':>6}")
     rows = []
 
@@ -362,7 +376,7 @@ def main():
                                                   indent=2))
 
     for name in names:
-        cfg = {**CUDA_CONFIGS, **CPU_CONFIGS}[name]
+        cfg = chosen[name]
         for impl in impls:
             record(run(name, cfg, impl, device, compile_model, args.steps, args.warmup))
         if args.train_py:
