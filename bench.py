@@ -246,8 +246,8 @@ def run_authors(name, cfg, args, device, compile_model):
     with tempfile.TemporaryDirectory(prefix="bench_authors_") as tmp:
         spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
         spec_path.write_text(json.dumps(spec))
-        command = [sys.executable, str(REPO / "bench_authors.py"), "--code", args.authors_code, "--spec",
-                   str(spec_path), "--out", str(out_path), "--device", str(device),
+        command = [sys.executable, str(REPO / "bench_authors.py"), "--code", str(Path(args.authors_code).resolve()),
+                   "--spec", str(spec_path), "--out", str(out_path), "--device", str(device),
                    "--compile", str(int(compile_model)), "--steps", str(args.steps), "--warmup", str(args.warmup)]
         try:
             done = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=args.timeout)

@@ -82,7 +82,8 @@ def test_bench_times_the_authors_code(tmp_path):
     if importlib.util.find_spec("einops") is None:
         pytest.skip("the authors' code needs einops (pip install einops), which this environment lacks")
     out = tmp_path / "results.json"
-    run_bench("--configs", "dat_d64_L2_posrel", *TINY, "--train_py", 0, "--authors_code", REFERENCE, "--json", out)
+    run_bench("--configs", "dat_d64_L2_posrel", *TINY, "--train_py", 0, "--authors_code",
+              os.path.relpath(REFERENCE, REPO), "--json", out)  # relative to the working directory, as documented
     report = json.loads(out.read_text())
     [ours, theirs] = report["rows"]
     assert theirs["impl"] == "authors" and "error" not in theirs, theirs
