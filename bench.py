@@ -32,6 +32,7 @@ interrupted run keeps what it measured.
 """
 
 import argparse
+import gc
 import glob
 import json
 import os
@@ -162,6 +163,14 @@ def run(name, cfg, impl, device, compile_model, steps, warmup):
         return measure(name, cfg, impl, device, compile_model, steps, warmup)
     except torch.OutOfMemoryError:
         return dict(config=name, impl=impl, compile=compile_model, error="out of memory")
+
+
+def release_memory(device):
+    """Drop the compiled models (dynamo holds them) and return the cached GPU memory to the driver."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # -----------------------------------------------------------------------------
@@ -379,6 +388,7 @@ def main():
         cfg = chosen[name]
         for impl in impls:
             record(run(name, cfg, impl, device, compile_model, args.steps, args.warmup))
+        release_memory(device)  # the GPU to the processes below
         if args.train_py:
             fast_ms = next((r.get("ms_per_step") for r in rows if r["config"] == name and r["impl"] == "fast"), None)
             record(run_train_py(name, cfg, args, device, compile_model, fast_ms))
