@@ -1,7 +1,7 @@
 """
 Tests of bench.py and bench_authors.py on CPU, through real processes: train.py's steady-state rate from its
 metrics, the authors' implementation from ../shared/reference (skipped without it or without einops), failures
-reported per config.
+reported in their row.
 """
 
 import importlib.util
@@ -58,19 +58,34 @@ def shared_data():
     return data
 
 
-def test_bench_reports_train_py_beside_the_fast_path(tmp_path):
+def out_of_memory_authors_code(directory):
+    """Modules as bench_authors.py imports them, whose TransformerLM runs out of memory when built."""
+    directory.mkdir()
+    (directory / "model_utils.py").write_text("")
+    (directory / "relational_attention.py").write_text("")
+    (directory / "language_models.py").write_text(
+        "import torch\n\n\nclass TransformerLM(torch.nn.Module):\n    def __init__(self, **kwargs):\n"
+        "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 64.00 GiB')\n")
+    return directory
+
+
+def test_bench_reports_train_py_and_the_authors_beside_the_fast_path(tmp_path):
+    """One run: our steps, train.py's steady-state rate on the real stories (data built once), and authors' code
+    that runs out of memory, reported in its row while the run goes on."""
     shared_data()
     out = tmp_path / "results.json"
     result = run_bench("--configs", "tf_d64_L2", *TINY, "--train_log_interval", 1, "--data_dir", tmp_path / "data",
-                       "--json", out)
+                       "--authors_code", out_of_memory_authors_code(tmp_path / "theirs"), "--json", out)
     report = json.loads(out.read_text())
-    [fast, loop] = report["rows"]
-    assert (fast["impl"], loop["impl"]) == ("fast", "train.py") and "error" not in loop, loop
+    [fast, loop, theirs] = report["rows"]
+    assert (fast["impl"], loop["impl"], theirs["impl"]) == ("fast", "train.py", "authors") and "error" not in loop
     assert loop["log_interval"] == 1 and len(loop["intervals_tokens_per_s"]) == 4  # logs at 2..5 of steps 0..5
     assert "--batch_size 2 --vocab_size 32000" in loop["command"] and "--max_seq_len 32" in loop["command"]
+    assert theirs["error"] == "out of memory"
     [summary] = report["summary"]
     assert summary["train_py_over_fast"] == pytest.approx(loop["tokens_per_s"] / fast["tokens_per_s"])
-    assert "train/fast" in result.stdout
+    assert summary["fast_over_authors"] is None
+    assert "train/fast" in result.stdout and "out of memory" in result.stdout
     assert len(list((tmp_path / "data" / "tok32000").glob("*.bin"))) == 5
     again = run_bench("--prepare_data", "--data_dir", tmp_path / "data")  # built once: nothing to do
     assert "Pretokenized" not in again.stdout
@@ -91,27 +106,8 @@ def test_bench_times_the_authors_code(tmp_path):
     assert report["summary"][0]["fast_over_authors"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
 
 
-def test_a_failing_authors_model_is_reported_per_config(tmp_path):
-    """Their modules as bench_authors.py imports them; the constructor runs out of memory: the row says so and the
-    other configs still run."""
-    code = tmp_path / "theirs"
-    code.mkdir()
-    (code / "model_utils.py").write_text("")
-    (code / "relational_attention.py").write_text("")
-    (code / "language_models.py").write_text(
-        "import torch\n\n\nclass TransformerLM(torch.nn.Module):\n    def __init__(self, **kwargs):\n"
-        "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 64.00 GiB')\n")
-    out = tmp_path / "results.json"
-    result = run_bench("--configs", "tf_d64_L2,dat_d64_L2_symattn", *TINY, "--impls", "", "--train_py", 0,
-                       "--authors_code", code, "--json", out)
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["config"], r["impl"]) for r in rows] == [("tf_d64_L2", "authors"), ("dat_d64_L2_symattn", "authors")]
-    assert rows[0]["error"] == "out of memory"
-    assert rows[1]["error"].startswith("AttributeError")  # no DualAttnTransformerLM in these modules
-    assert "out of memory" in result.stdout
-
-
-def test_authors_code_must_hold_their_modules(tmp_path):
-    result = subprocess.run([sys.executable, "bench.py", "--train_py", "0", "--authors_code", str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "no language_models.py there" in result.stderr.splitlines()[-1]
+def test_authors_code_must_hold_their_modules(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--train_py", "0", "--authors_code", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2 and "no language_models.py there" in capsys.readouterr().err.splitlines()[-1]

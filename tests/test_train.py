@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import struct
