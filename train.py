@@ -698,19 +698,20 @@ class Trainer:
         x, y = self.loader.next_batch()
         with stop_signals() as received:
             while True:
-                boundary = self.iter_num % self.args.eval_interval == 0 or self.iter_num >= total_steps
-                exit_code = self.read_statuses(0 if boundary else 1, received)
+                evaluating = self.iter_num % self.args.eval_interval == 0 or self.iter_num == total_steps
+                done = self.iter_num >= total_steps
+                exit_code = self.read_statuses(0 if evaluating or done else 1, received)
                 if exit_code is not None:
                     return exit_code
-                if boundary:
+                if evaluating:
                     self.timer.pause()
                     losses = self.evaluate()
                     if not all(math.isfinite(v) for v in losses.values()):
                         return self.stop_non_finite(f"the evaluation loss is {losses['val/loss']}", self.iter_num)
                     self.log_and_save(losses)
-                    if self.iter_num >= total_steps:
-                        return 0
                     self.timer.resume()
+                if done:
+                    return 0
                 x, y = self.step(x, y, received)
                 self.iter_num += 1
 
