@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import os
+import queue
 import re
 import shutil
 import signal
@@ -677,13 +678,20 @@ class Windows:
         return out
 
 
-def to_device(windows, device):
-    """Split (B, T + 1) windows into inputs x and targets y (x shifted by one), int64, on the device."""
+def split_windows(windows, pin=False):
+    """Split (B, T + 1) windows into inputs x and targets y (x shifted by one): int64 host tensors, in pinned
+    memory when `pin` (so that the copy to a GPU can be non-blocking)."""
     t = torch.from_numpy(windows)
     x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+    if pin:
+        x, y = x.pin_memory(), y.pin_memory()
+    return x, y
+
+
+def to_device(x, y, device):
+    """x, y on the device; from pinned memory to CUDA the copies are queued without waiting for them."""
+    non_blocking = device.type == "cuda"
+    return x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking)
 
 
 class BatchLoader:
@@ -692,29 +700,94 @@ class BatchLoader:
     probability proportional to its number of windows, then an offset), gathered a whole batch at a time from
     memory-mapped shards. The numpy Generator is seeded from (seed, rank), and state_dict()/load_state_dict()
     carry it so a resumed run draws exactly the batches it would have drawn.
+
+    With prefetch > 0 a background thread draws up to `prefetch` batches ahead (random offsets, memmap reads, pinned
+    host memory on CUDA) while the caller's device works; next_batch() then only queues the copy to the device. The
+    batches, their order and state_dict() are exactly those of prefetch=0: state_dict() is always the generator state
+    before the batch that the next next_batch() returns.
     """
 
-    def __init__(self, split, batch_size, max_seq_len, vocab_size=0, data_dir="data", device="cpu", seed=0, rank=0):
+    def __init__(self, split, batch_size, max_seq_len, vocab_size=0, data_dir="data", device="cpu", seed=0, rank=0,
+                 prefetch=2):
         self.windows = Windows(split, max_seq_len, vocab_size, data_dir)
         self.split, self.batch_size, self.device = split, batch_size, torch.device(device)
         self.n_tokens = self.windows.n_tokens
         self.rng = np.random.default_rng([seed, rank])
+        self.prefetch = prefetch
+        self.head = None  # (generator state before the batch, x, y): the batch the next next_batch() returns
+        self.thread = self.queue = self.stopping = None
+
+    def draw(self):
+        """(generator state before the batch, x, y on the host): the next batch of the generator."""
+        state = self.rng.bit_generator.state
+        idx = self.rng.integers(self.windows.n_windows, size=self.batch_size)
+        return (state, *split_windows(self.windows.gather(idx), pin=self.device.type == "cuda"))
+
+    def produce(self, batches, stopping):
+        """The prefetch thread: draw batches in order into the bounded queue (an exception is passed on)."""
+        try:
+            while not stopping.is_set():
+                batches.put(self.draw())
+        except Exception as e:  # re-raised by next_batch() in the caller's thread
+            batches.put(e)
+
+    def peek(self):
+        """The batch the next next_batch() returns, drawn now or taken from the prefetch queue."""
+        if self.head is None:
+            if not self.prefetch:
+                self.head = self.draw()
+            else:
+                if self.thread is None:
+                    self.queue, self.stopping = queue.Queue(maxsize=self.prefetch), threading.Event()
+                    self.thread = threading.Thread(target=self.produce, args=(self.queue, self.stopping),
+                                                   name=f"BatchLoader-{self.split}", daemon=True)
+                    self.thread.start()
+                item = self.queue.get()
+                if isinstance(item, Exception):
+                    self.close()
+                    raise item
+                self.head = item
+        return self.head
 
     def next_batch(self):
         """x, y: int64 tensors of shape (batch_size, max_seq_len) on the device, y[:, i] == x[:, i + 1]."""
-        idx = self.rng.integers(self.windows.n_windows, size=self.batch_size)
-        return to_device(self.windows.gather(idx), self.device)
+        _, x, y = self.peek()
+        self.head = None
+        return to_device(x, y, self.device)
 
     def state_dict(self):
-        """Plain python objects: the generator state and the size of the data it indexes."""
-        return {"rng": self.rng.bit_generator.state, "split": self.split, "n_windows": self.windows.n_windows}
+        """Plain python objects: the generator state (before the next batch) and the size of the data it indexes."""
+        state = self.peek()[0] if self.prefetch else self.rng.bit_generator.state
+        return {"rng": state, "split": self.split, "n_windows": self.windows.n_windows}
 
     def load_state_dict(self, state):
         """Continue from a state_dict(); warns if the shards changed since (the batches then differ)."""
         if (state["split"], state["n_windows"]) != (self.split, self.windows.n_windows):
             warnings.warn(f"loader state was saved for {state['split']} data with {state['n_windows']:,} windows, "
                           f"now {self.split} with {self.windows.n_windows:,}: batches will not repeat exactly")
+        self.close()
+        self.head = None
         self.rng.bit_generator.state = state["rng"]
+
+    def close(self):
+        """Stop the prefetch thread. The batches it drew ahead are given back (the generator is rewound to the first
+        of them), so the sequence continues unchanged; the next call starts a new thread."""
+        if self.thread is None:
+            return
+        self.stopping.set()
+        drawn = []
+        while self.thread.is_alive():  # take what the thread puts, so that it is never stuck on a full queue
+            try:
+                drawn.append(self.queue.get(timeout=0.01))
+            except queue.Empty:
+                pass
+        self.thread.join()
+        while not self.queue.empty():
+            drawn.append(self.queue.get_nowait())
+        batches = [item for item in drawn if not isinstance(item, Exception)]
+        if batches:
+            self.rng.bit_generator.state = batches[0][0]
+        self.thread = self.queue = self.stopping = None
 
 
 def eval_batches(split, batch_size, max_seq_len, n_batches, vocab_size=0, data_dir="data", device="cpu",
@@ -732,7 +805,7 @@ def eval_batches(split, batch_size, max_seq_len, n_batches, vocab_size=0, data_d
     idx = idx.reshape(batch_size, n_batches).T
     device = torch.device(device)
     for i in range(rank, n_batches, world_size):
-        yield to_device(windows.gather(idx[i]), device)
+        yield to_device(*split_windows(windows.gather(idx[i]), pin=device.type == "cuda"), device)
 
 
 # -----------------------------------------------------------------------------

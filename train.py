@@ -27,6 +27,7 @@ import signal
 import sys
 import time
 import zipfile
+from collections import deque
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import asdict, fields
 from datetime import datetime
@@ -312,11 +313,6 @@ def resolve_dtype(args, device):
     return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def all_gather(obj, world_size):
@@ -769,6 +765,52 @@ def new_run_dir(args):
             raise RunError(f"cannot create the run directory {path}: {e.strerror} (check --out_dir)") from None
 
 
+class StepStatus:
+    """The status of a step launched on the device: (mean loss, stop-signal flag) in a device tensor, copied into
+    pinned host memory behind an event on CUDA, so that the host reads it later (one step later, while the device
+    runs the next step) without stalling the device. `finished` is the clock's time when the step was seen done."""
+
+    def __init__(self, iter_num, lr, status, clock):
+        self.iter_num, self.lr, self.clock, self.event = iter_num, lr, clock, None
+        if status.device.type == "cuda":
+            self.host = torch.empty(status.shape, dtype=status.dtype, pin_memory=True).copy_(status, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:  # the step has run already
+            self.host, self.finished = status.cpu(), clock()
+
+    def read(self, world_size):
+        """(loss, whether any rank received a stop signal), once the step has finished."""
+        if self.event is not None:
+            self.event.synchronize()
+            self.finished = self.clock()
+        loss_sum, signalled = self.host.tolist()
+        return loss_sum / world_size, signalled > 0
+
+
+class IntervalTimer:
+    """Wall time per training step from the end of one logged step to the end of the next (as the host sees them),
+    with the pauses for evaluation and checkpoints left out."""
+
+    def __init__(self, first_step, clock=time.perf_counter):
+        self.clock, self.last_step = clock, first_step - 1  # the steps up to last_step are done
+        self.elapsed, self.started = 0.0, clock()
+
+    def pause(self):
+        self.elapsed += self.clock() - self.started
+        self.started = None
+
+    def resume(self):
+        self.started = self.clock()
+
+    def lap(self, step, finished):
+        """(seconds per step, number of steps) over the steps done since the last lap, up to `step`, which finished
+        at the clock's time `finished`."""
+        steps, seconds = step - self.last_step, self.elapsed + finished - self.started
+        self.last_step, self.elapsed, self.started = step, 0.0, finished
+        return seconds / steps, steps
+
+
 class Trainer:
     """The training state of one process (model, optimizer, data position, step, best val loss) and its loop."""
 
@@ -795,6 +837,8 @@ class Trainer:
         self.iter_num, self.best_val_loss, self.running_mfu = 0, math.inf, None
         self.config, self.wandb_run_id, self.ckpt_path = None, None, None
         self.loader_state = loader.state_dict()  # the loader before it draws the next step's first batch
+        self.pending = deque()  # StepStatus of the steps launched on the device and not yet read, oldest first
+        self.timer = None
 
     def restore(self, ckpt):
         """Continue a checkpoint: step, best val loss, optimizer, and (ours) data position, RNG, W&B run."""
@@ -842,28 +886,54 @@ class Trainer:
         """Evaluate (every eval_interval steps, at the first and at the last step) and train up to total_steps.
         Returns 0; 128 + the signal after SIGINT/SIGTERM (a checkpoint is written first); 1 on a non-finite loss
         (nothing is written). A checkpoint of step k holds the state before step k: resuming it replays k, k+1, ...
-        exactly as an uninterrupted run does."""
+        exactly as an uninterrupted run does.
+
+        The host never waits for the step it has just launched: it reads the status of the step before (loss,
+        stop signal) while the device runs this one, and waits for every launched step only before an evaluation
+        or a checkpoint, so none is written after a non-finite loss."""
         self.total_steps = total_steps
         self.ckpt_path = os.path.join(run_dir, "ckpt.pt") if run_dir else None
+        self.timer = IntervalTimer(self.iter_num)
         x, y = self.loader.next_batch()
-        stop = None
         with stop_signals() as received:
             while True:
-                if stop:
-                    self.save_checkpoint(f"stopped by {signal.Signals(stop).name}")
-                    self.log.print(f"stopped at step {self.iter_num}: continue with --init_from resume")
-                    return 128 + stop
-                if self.iter_num % self.args.eval_interval == 0 or self.iter_num == total_steps:
+                evaluating = self.iter_num % self.args.eval_interval == 0 or self.iter_num == total_steps
+                done = self.iter_num >= total_steps
+                exit_code = self.read_statuses(0 if evaluating or done else 1, received)
+                if exit_code is not None:
+                    return exit_code
+                if evaluating:
+                    self.timer.pause()
                     losses = self.evaluate()
                     if not all(math.isfinite(v) for v in losses.values()):
-                        return self.stop_non_finite(f"the evaluation loss is {losses['val/loss']}")
+                        return self.stop_non_finite(f"the evaluation loss is {losses['val/loss']}", self.iter_num)
                     self.log_and_save(losses)
-                if self.iter_num >= total_steps:
+                    self.timer.resume()
+                if done:
                     return 0
-                x, y, loss, stop = self.step(x, y, received)
-                if not math.isfinite(loss):
-                    return self.stop_non_finite(f"the training loss is {loss}")
+                x, y = self.step(x, y, received)
                 self.iter_num += 1
+
+    def read_statuses(self, keep, received):
+        """Read the statuses of launched steps, oldest first, until `keep` are left unread (0: wait for them all);
+        log the training loss every log_interval steps. Returns the exit code when the run must stop: 1 on a
+        non-finite loss; 128 + the signal when a rank received one, after every launched step has finished and a
+        checkpoint of the state after them (data position and RNG included) is written."""
+        stop = None
+        while len(self.pending) > keep:
+            status = self.pending.popleft()
+            loss, signalled = status.read(self.world_size)
+            if not math.isfinite(loss):
+                return self.stop_non_finite(f"the training loss is {loss}", status.iter_num)
+            if status.iter_num % self.args.log_interval == 0:
+                self.log_step(status.iter_num, loss, status.lr, *self.timer.lap(status.iter_num, status.finished))
+            if signalled and stop is None:
+                stop, keep = (received[0] if received else signal.SIGTERM), 0
+        if stop is None:
+            return None
+        self.save_checkpoint(f"stopped by {signal.Signals(stop).name}")
+        self.log.print(f"stopped at step {self.iter_num}: continue with --init_from resume")
+        return 128 + stop
 
     def log_and_save(self, losses):
         """Log an evaluation; write a checkpoint when the val loss improves (not at step 0), or always."""
@@ -876,11 +946,10 @@ class Trainer:
             self.save_checkpoint("val loss improved" if improved else "--always_save_checkpoint")
 
     def step(self, x, y, received):
-        """One optimizer step over `accumulation` micro-batches (gradients all-reduced on the last one only).
-        Returns the next batch, the step's loss (mean over micro-batches and ranks; when it is not finite, no
-        update is made) and the signal that stops the run after this step, if any rank received one."""
+        """Launch one optimizer step over `accumulation` micro-batches (gradients all-reduced on the last one only)
+        without waiting for it, and queue its StepStatus: the mean loss over micro-batches, summed over ranks, and
+        whether any rank received a stop signal (all-reduced on the device). Returns the next step's first batch."""
         args, optimizer, scaler = self.args, self.optimizer, self.scaler
-        t0 = time.perf_counter()
         lr = get_lr(self.iter_num, args, self.total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -892,48 +961,46 @@ class Trainer:
                     _, loss = self.model(x, y, return_logits=False)
                 if last:
                     self.loader_state = self.loader.state_dict()
-                x, y = self.loader.next_batch()  # drawn while the device works on the forward pass
+                x, y = self.loader.next_batch()  # prefetched on the host; its copy queued behind the forward pass
                 scaler.scale(loss / self.accumulation).backward()
             loss_sum += loss.detach()
-        status = torch.stack([loss_sum / self.accumulation, torch.tensor(float(bool(received)), device=self.device)])
+        status = torch.stack([loss_sum / self.accumulation, loss_sum.new_full((), float(bool(received)))])
         if self.world_size > 1:
             dist.all_reduce(status)
-        loss, signalled = status[0].item() / self.world_size, status[1].item() > 0
-        stop = (received[0] if received else signal.SIGTERM) if signalled else None
-        if not math.isfinite(loss):
-            return x, y, loss, stop
         if args.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        synchronize(self.device)
-        if self.iter_num % args.log_interval == 0:
-            self.log_step(loss, lr, time.perf_counter() - t0)
-        return x, y, loss, stop
+        self.pending.append(StepStatus(self.iter_num, lr, status, self.timer.clock))
+        return x, y
 
-    def log_step(self, loss, lr, dt):
-        tokens_per_sec = self.tokens_per_step / dt
+    def log_step(self, iter_num, loss, lr, step_seconds, steps):
+        """The training loss of step iter_num, and the rate over the `steps` steps since the last log (wall time,
+        evaluations excluded)."""
+        tokens_per_sec = self.tokens_per_step / step_seconds
         mfu = None
         if self.peak:
             mfu = self.raw_model.estimate_mfu(tokens_per_sec, self.peak * self.world_size, self.args.max_seq_len)
             self.running_mfu = mfu if self.running_mfu is None else 0.9 * self.running_mfu + 0.1 * mfu
-        self.log.print(f"{self.iter_num} | loss {loss:.4f} | lr {lr:.3e} | {dt * 1000:.1f} ms | "
+        self.log.print(f"{iter_num} | loss {loss:.4f} | lr {lr:.3e} | {step_seconds * 1000:.1f} ms/step | "
                        f"{tokens_per_sec:,.0f} tok/s | mfu " + ("n/a" if mfu is None else f"{mfu * 100:.2f}%"))
-        self.log.log({"iter": self.iter_num, "train/step_loss": loss, "lr": lr, "step_ms": dt * 1000,
-                      "tokens_per_sec": tokens_per_sec, **({} if mfu is None else {"step_mfu": mfu * 100})})
+        self.log.log({"iter": iter_num, "train/step_loss": loss, "lr": lr, "step_ms": step_seconds * 1000,
+                      "tokens_per_sec": tokens_per_sec, "interval_steps": steps,
+                      **({} if mfu is None else {"step_mfu": mfu * 100})})
 
-    def stop_non_finite(self, what):
+    def stop_non_finite(self, what, iter_num):
         """Exit code 1, with the checkpoint on disk (if any) left as it was."""
         if self.log.master:
             kept = (f"the last good checkpoint stays in {self.ckpt_path}" if os.path.exists(self.ckpt_path)
                     else "no checkpoint was written")
-            print(f"error: {what} at step {self.iter_num}: stopping ({kept}); try a lower --learning_rate",
+            print(f"error: {what} at step {iter_num}: stopping ({kept}); try a lower --learning_rate",
                   file=sys.stderr, flush=True)
         return 1
 
     def finish(self):
+        self.loader.close()
         if self.world_size > 1:
             dist.destroy_process_group()
 

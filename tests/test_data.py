@@ -741,6 +741,57 @@ def test_loader_state_reproduces_batches(tmp_path):
     assert all(torch.equal(c.next_batch()[0], x) for x, _ in first)
 
 
+def loader_trace(loader, n):
+    """n batches, each with the state_dict() taken before it, and a load_state_dict() round trip every third
+    batch (as a resumed run does), as comparable tuples."""
+    trace = []
+    for i in range(n):
+        state = loader.state_dict()
+        if i % 3 == 2:
+            loader.load_state_dict(state)
+        x, y = loader.next_batch()
+        trace.append((state, x.tolist(), y.tolist()))
+    return trace
+
+
+def test_prefetch_keeps_the_batch_sequence_and_state(tmp_path):
+    write_bins(tmp_path / tsd.SHARD_DIR, [300, 400, 500])
+    make = lambda prefetch: tsd.BatchLoader("train", 8, 16, data_dir=str(tmp_path), seed=5,  # noqa: E731
+                                            prefetch=prefetch)
+    expected = loader_trace(make(0), 12)
+    for prefetch in (1, 3):
+        loader = make(prefetch)
+        assert loader_trace(loader, 12) == expected
+        loader.close()
+    loader = make(3)
+    loader.next_batch()
+    while not loader.queue.full():  # the thread has drawn 3 batches ahead of the caller
+        threading.Event().wait(0.001)
+    assert loader.rng.bit_generator.state != loader.state_dict()["rng"]
+    loader.close()  # the batches drawn ahead are given back: the generator is back before batch 2 (1 is held)
+    assert loader.thread is None and loader.rng.bit_generator.state == expected[2][0]["rng"]
+    assert loader_trace(loader, 11) == expected[1:]
+    loader.close()
+
+
+def test_prefetch_passes_errors_on(tmp_path):
+    write_bins(tmp_path / tsd.SHARD_DIR, [300, 400])
+    loader = tsd.BatchLoader("train", 4, 16, data_dir=str(tmp_path), prefetch=2)
+    gather, calls = loader.windows.gather, []
+
+    def failing_gather(idx):
+        calls.append(idx)
+        if len(calls) == 3:
+            raise OSError("disk gone")
+        return gather(idx)
+
+    loader.windows.gather = failing_gather
+    loader.next_batch(), loader.next_batch()
+    with pytest.raises(OSError, match="disk gone"):
+        loader.next_batch()
+    assert loader.thread is None
+
+
 def test_loader_seeds_differ_per_rank_and_seed(tmp_path):
     write_bins(tmp_path / tsd.SHARD_DIR, [300, 5000])
     first = {(s, r): tsd.BatchLoader("train", 8, 16, data_dir=str(tmp_path), seed=s, rank=r).next_batch()[0]

@@ -5,6 +5,7 @@ and through real subprocesses where the process boundary is the point: exact res
 two processes on one run directory, torchrun (gloo), the real W&B package offline.
 """
 
+import functools
 import glob
 import json
 import math
@@ -560,7 +561,95 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tm
     assert f"the last good checkpoint stays in {run_dir}" in err
     assert Path(run_dir, "ckpt.pt").read_bytes() == good
     stopped_at = int(err.split("at step ")[1].split(":")[0])
-    assert max(step_losses(run_dir)) == stopped_at - 1  # no update was made from the NaN loss
+    assert max(step_losses(run_dir)) == stopped_at - 1  # the NaN step is not logged
+
+
+def test_a_non_finite_loss_is_caught_before_the_next_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
+    """A checkpoint at every step, and weights that turn NaN as step 6 is launched: the run stops at the next
+    boundary, before evaluating or writing anything, and the checkpoint on disk is the one of step 6 (finite)."""
+    step = train.Trainer.step
+
+    def poisoned_step(self, *args):
+        if self.iter_num == 6:
+            with torch.no_grad():
+                self.raw_model.layers.token_embedder.weight.fill_(math.nan)
+        return step(self, *args)
+
+    monkeypatch.setattr(train.Trainer, "step", poisoned_step)
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, "--max_iters", 10, "--eval_interval", 1,
+                                             "--always_save_checkpoint", 1))
+    assert code == 1
+    assert "error: the training loss is nan at step 6: stopping (the last good checkpoint stays in" in err
+    run_dir = the_run_dir(tmp_path)
+    ckpt = load_ckpt(run_dir)
+    assert ckpt["iter_num"] == 6
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert [e["iter"] for e in evals(run_dir)] == list(range(7))
+    assert max(step_losses(run_dir)) == 5
+
+
+def test_statuses_are_read_one_step_late(data_dir, tmp_path, capsys, monkeypatch):
+    """The host reads step k's status after launching step k + 1, except before an evaluation (every launched step
+    is read there)."""
+    launched, reads = [], []
+    step, read = train.Trainer.step, train.StepStatus.read
+
+    def recording_step(self, *args):
+        launched.append(self.iter_num)
+        return step(self, *args)
+
+    def recording_read(self, *args):
+        reads.append((self.iter_num, launched[-1]))
+        return read(self, *args)
+
+    monkeypatch.setattr(train.Trainer, "step", recording_step)
+    monkeypatch.setattr(train.StepStatus, "read", recording_read)
+    code, _, _ = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, "--max_iters", 12, "--eval_interval", 5))
+    assert code == 0
+    assert [k for k, _ in reads] == list(range(12))
+    boundaries = {4, 9, 11}  # the steps before the evaluations at 5, 10 and 12
+    assert all(last == (k if k in boundaries else k + 1) for k, last in reads), reads
+
+
+def test_interval_timer():
+    now = [0.0]
+    timer = train.IntervalTimer(first_step=10, clock=lambda: now[0])
+    assert timer.lap(13, finished=2.0) == (0.5, 4)  # steps 10..13 in 2 s
+    now[0] = 3.0
+    timer.pause()
+    now[0] = 100.0  # an evaluation
+    timer.resume()
+    assert timer.lap(18, finished=104.0) == (1.0, 5)  # 1 s before the pause, 4 s after it
+
+
+def test_the_logged_rate_is_an_interval_average_without_evaluation(data_dir, tmp_path, capsys, monkeypatch):
+    """On a clock that advances 10 ms per step, 400 ms more in step 7 and 1 s in the evaluation at step 6, logged
+    every 4 steps: the log of step 8 averages steps 5 to 8, the slow one included, (3 x 10 + 400) / 4 = 107.5
+    ms/step, without the evaluation (which would add 250 ms); the time of one step would be 10 or 400 ms."""
+    now = [0.0]
+    step, evaluate = train.Trainer.step, train.Trainer.evaluate
+
+    def timed_step(self, *args):
+        now[0] += 0.4 if self.iter_num == 7 else 0.01
+        return step(self, *args)
+
+    def timed_evaluate(self):
+        now[0] += 1.0
+        return evaluate(self)
+
+    monkeypatch.setattr(train.Trainer, "step", timed_step)
+    monkeypatch.setattr(train.Trainer, "evaluate", timed_evaluate)
+    monkeypatch.setattr(train, "IntervalTimer", functools.partial(train.IntervalTimer, clock=lambda: now[0]))
+    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, "--max_iters", 12, "--eval_interval",
+                                             6, "--log_interval", 4))
+    assert code == 0
+    logs = {r["iter"]: r for r in metrics(the_run_dir(tmp_path)) if "step_ms" in r}
+    assert sorted(logs) == [0, 4, 8]
+    assert [logs[i]["interval_steps"] for i in (0, 4, 8)] == [1, 4, 4]
+    assert logs[4]["step_ms"] == pytest.approx(10) and logs[8]["step_ms"] == pytest.approx(107.5)
+    for r in logs.values():
+        assert r["tokens_per_sec"] == pytest.approx(8 * 32 * 1000 / r["step_ms"])
+    assert f"8 | loss {logs[8]['train/step_loss']:.4f} | lr {logs[8]['lr']:.3e} | 107.5 ms/step | 2,381 tok/s" in out
 
 
 def reference_checkpoint(path, flags):
