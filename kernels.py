@@ -18,14 +18,11 @@ vocabulary blocks; memory O(N d + V d) beyond the inputs. Matmuls take the input
 accumulate in fp32.
 
 linear_cross_entropy() falls back to plain PyTorch when Triton cannot run (no triton, or CPU tensors outside the
-interpreter, TRITON_INTERPRET=1). `python kernels.py` checks and times the op on a GPU and sweeps the launch settings.
+interpreter, TRITON_INTERPRET=1). bench_kernels.py checks and times the op on a GPU and sweeps the launch settings.
 """
 
 import math
 import os
-import statistics
-import sys
-import time
 from typing import Optional
 
 import torch
@@ -41,13 +38,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = triton is not None and (torch.cuda.is_available() or INTERPRET)
 
 # Launch settings of the two kernels for rows of x of up to so many bytes (the first bucket that holds them): tile
-# sizes, K_BYTES and launch options, read at every call (tunable at run time: python kernels.py). The kernels take
+# sizes, K_BYTES and launch options, read at every call (timed and swept by bench_kernels.py). The kernels take
 # rows of x and W K_BYTES bytes at a time: a row that fits is loaded once per tile and serves both dots of a kernel;
 # a longer row is cut into NUM_K chunks: a K-loop for the logits, and one grid column per chunk of the gradient
 # (dx in the forward, dW), each recomputing the logits (NUM_K times their cost). dW runs SPLIT programs per
 # vocabulary block over interleaved token blocks, adding fp32 partial sums atomically, for when the V / BLOCK_N
 # programs alone are too few for the SMs (132 on an H200).
-CONFIGS = {  # the best of `python kernels.py` on an H200 (torch 2.11, triton 3.6), N = 65536 (16384 for d = 768)
+CONFIGS = {  # the best of bench_kernels.py on an H200 (torch 2.11, triton 3.6), N = 65536 (16384 for d = 768)
     128: {  # bf16 d <= 64
         "forward": dict(BLOCK_M=128, BLOCK_N=64, K_BYTES=256, num_warps=4, num_stages=3),
         "dw": dict(BLOCK_M=64, BLOCK_N=128, K_BYTES=256, num_warps=4, num_stages=3, SPLIT=1),
@@ -162,9 +159,9 @@ if triton is not None:
         t_safe = tl.where(in_vocab, t, 0)
         z_t = _target_logit(x_ptr, w_ptr, b_ptr, rows, t_safe, N, V, D, stride_x, stride_w, HAS_BIAS, BLOCK_K, NUM_K)
         loss = tl.where(in_vocab, lse2 / LOG2E - z_t, float("nan"))
-        first = (rows < N) & (tl.program_id(1) == 0)  # lse and loss once, by the first chunk
-        tl.store(lse_ptr + rows, lse2 / LOG2E, mask=first)
-        tl.store(loss_ptr + rows, tl.where(t == ignore_index, 0.0, loss), mask=first)
+        if tl.program_id(1) == 0:  # lse and loss once, by the first chunk
+            tl.store(lse_ptr + rows, lse2 / LOG2E, mask=rows < N)
+            tl.store(loss_ptr + rows, tl.where(t == ignore_index, 0.0, loss), mask=rows < N)
         if WITH_DX:
             one_minus_p_t = 1.0 - tl.exp2(z_t * LOG2E - lse2)
             w_t = _load_tile(w_ptr, t_safe, cols_d, V, D, stride_w).to(tl.float32)
@@ -199,7 +196,7 @@ if triton is not None:
 
         dw_ptrs = dw_ptr + cols[:, None] * D + cols_d[None, :]
         dw_mask = (cols[:, None] < V) & (cols_d[None, :] < D)
-        db_mask = (cols < V) & (tl.program_id(1) == 0)  # db once, by the first chunk
+        db_mask = cols < tl.where(tl.program_id(1) == 0, V, 0)  # db once, by the first chunk
         if SPLIT == 1:
             tl.store(dw_ptrs, acc, mask=dw_mask)
             if HAS_BIAS:
@@ -350,142 +347,3 @@ def linear_cross_entropy(x, weight, bias, targets, ignore_index=-1):
     with_dx = torch.is_grad_enabled() and x.requires_grad
     loss, _, _ = linear_ce_forward(x, weight, bias, targets, ignore_index, with_dx)
     return loss.sum() / (targets != ignore_index).sum()
-
-
-# -----------------------------------------------------------------------------
-# GPU check, timing and tuning: python kernels.py
-
-SWEEP_TILES = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages, K_BYTES) tried for each kernel on rows <= 256 bytes
-    (64, 128, 4, 3, 256), (64, 128, 4, 4, 256), (128, 128, 4, 3, 256), (128, 128, 8, 3, 256), (128, 64, 4, 3, 256),
-    (64, 64, 4, 3, 256), (64, 64, 4, 4, 256), (64, 256, 8, 3, 256),
-]
-SWEEP_TILES_WIDE = [  # the same for wider rows
-    (128, 64, 8, 2, 512), (64, 64, 4, 3, 512), (64, 64, 8, 2, 512), (64, 128, 4, 2, 512), (128, 128, 8, 3, 256),
-    (64, 128, 4, 3, 256), (64, 64, 4, 3, 256), (128, 64, 4, 3, 256),
-]
-SWEEP_SPLITS = (1, 2, 4)
-
-
-def _fwd_bwd(fn, x, weight, bias, targets):
-    loss = fn(x, weight, bias, targets)
-    return (loss, *torch.autograd.grad(loss, (x, weight, bias)))
-
-
-def _time(fn, reps=20, warmup=3):
-    """Median ms of fn() over reps (CUDA events) after warmup calls, and the peak memory above the start, GiB."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start_mem = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), (torch.cuda.max_memory_allocated() - start_mem) / 2**30
-
-
-def _bench_inputs(n, d, V, dtype=torch.bfloat16):
-    """Unit-variance tokens, weights giving logits of standard deviation 2, a small bias, 1 in 16 targets ignored."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(n, d, device="cuda", generator=g).to(dtype).requires_grad_()
-    weight = (2 / d ** 0.5 * torch.randn(V, d, device="cuda", generator=g)).to(dtype).requires_grad_()
-    bias = (0.1 * torch.randn(V, device="cuda", generator=g)).to(dtype).requires_grad_()
-    targets = torch.randint(0, V, (n,), device="cuda", generator=g)
-    targets[::16] = -1
-    return x, weight, bias, targets
-
-
-def _check(x, weight, bias, targets):
-    """Relative errors (2-norm) of loss, dx, dW, db of the Triton op and of the eager bf16 formula, against the
-    fp32 formula on the same (bf16-rounded) inputs."""
-    inputs32 = [t.detach().float().requires_grad_() for t in (x, weight, bias)]
-    ref = _fwd_bwd(linear_cross_entropy_reference, *inputs32, targets)
-    del inputs32
-    for name, fn in (("triton", linear_cross_entropy), ("eager bf16", linear_cross_entropy_reference)):
-        try:
-            out = _fwd_bwd(fn, x, weight, bias, targets)
-        except Exception as e:  # report and carry on
-            print(f"  check {name}: failed: {type(e).__name__}: {str(e)[:300]}")
-            continue
-        errors = [((o.float() - r).norm() / r.norm()).item() for o, r in zip(out, ref)]
-        print(f"  check {name:10s} rel. error  loss {errors[0]:.1e}  dx {errors[1]:.1e}  dW {errors[2]:.1e}"
-              f"  db {errors[3]:.1e}")
-
-
-def _sweep(x, weight, bias, targets, ignore_index=-1):
-    """Time each kernel alone over the tiles (then the splits for dW); returns the best settings of each."""
-    x, weight, bias = x.detach(), weight.detach(), bias.detach()
-    _, lse, _ = _forward(x, weight, bias, targets, ignore_index, with_dx=False)
-    grad = torch.full_like(lse, 1 / (targets != ignore_index).sum().item())
-    launches = {
-        "forward": lambda cfg: _forward(x, weight, bias, targets, ignore_index, True, cfg),
-        "dw": lambda cfg: _backward_dw(grad, x, weight, bias, targets, lse, ignore_index, cfg),
-    }
-    tiles = SWEEP_TILES if _bucket(x) <= 256 else SWEEP_TILES_WIDE
-    tiles = [dict(BLOCK_M=m, BLOCK_N=n, K_BYTES=k, num_warps=w, num_stages=s) for m, n, w, s, k in tiles]
-    best = {}
-    for kernel, launch in launches.items():
-        variants = [dict(t, SPLIT=1) for t in tiles] if kernel == "dw" else tiles
-        results = _time_variants(kernel, launch, variants)
-        if kernel == "dw" and results:  # then the split, with the best tiles
-            splits = [dict(results[0][1], SPLIT=s) for s in SWEEP_SPLITS if s > 1]
-            results = sorted(results + _time_variants(kernel, launch, splits), key=lambda r: r[0])
-        if results:
-            best[kernel] = results[0][1]
-            print(f"  best {kernel:7s} {results[0][0]:6.3f} ms  {results[0][1]}")
-    return best
-
-
-def _time_variants(kernel, launch, variants):
-    """[(ms, variant)] sorted by time; variants that fail to compile or run are reported and skipped."""
-    results = []
-    for variant in variants:
-        try:
-            ms, _ = _time(lambda: launch(variant), reps=10, warmup=1)
-            results.append((ms, variant))
-        except Exception as e:
-            print(f"    {kernel} {variant}: failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
-    return sorted(results, key=lambda r: r[0])
-
-
-def benchmark(shapes=((65536, 64), (65536, 128), (16384, 768)), V=32000, sweep=True):
-    """On a GPU, for each (N, d), bf16: check the Triton op, then time forward + backward of the eager formula, the
-    torch.compile'd formula and the Triton op (with CONFIGS, then with the best settings of the sweep)."""
-    assert HAS_TRITON and torch.cuda.is_available() and not INTERPRET, "needs triton and a GPU, without TRITON_INTERPRET"
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    started = time.time()
-    compiled = torch.compile(linear_cross_entropy_reference, dynamic=False)
-    for n, d in shapes:
-        print(f"N {n}  V {V}  d {d}  bf16")
-        x, weight, bias, targets = _bench_inputs(n, d, V)
-        _check(x, weight, bias, targets)
-        for name, fn in (("eager", linear_cross_entropy_reference), ("compiled", compiled),
-                         ("triton", linear_cross_entropy)):
-            _report(name, lambda: _fwd_bwd(fn, x, weight, bias, targets))
-        if sweep:
-            key = _bucket(x)
-            default = CONFIGS[key]
-            CONFIGS[key] = {**default, **_sweep(x, weight, bias, targets)}
-            _report("triton (best)", lambda: _fwd_bwd(linear_cross_entropy, x, weight, bias, targets))
-            print(f"  CONFIGS[{key!r}] = {CONFIGS[key]}")
-            CONFIGS[key] = default
-        torch.cuda.empty_cache()
-    print(f"{time.time() - started:.0f} s")
-
-
-def _report(name, fn):
-    try:
-        ms, gib = _time(fn)
-        print(f"  {name:14s} fwd+bwd {ms:7.2f} ms   peak {gib:6.2f} GiB above the inputs")
-    except Exception as e:
-        print(f"  {name:14s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    torch.cuda.empty_cache()
-
-
-if __name__ == "__main__":
-    benchmark(sweep="--no-sweep" not in sys.argv)

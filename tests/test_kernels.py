@@ -1,6 +1,6 @@
 """kernels.linear_cross_entropy against a float64 formula: the Triton kernels (through the interpreter on a CPU,
 natively on a GPU) and the PyTorch fallback, loss and the gradients of x, weight and bias; custom-op checks and
-torch.compile. Triton tests skip without triton (pip install triton==3.6.0)."""
+torch.compile. Triton tests skip without triton (pip install triton)."""
 
 import math
 import os
@@ -33,22 +33,16 @@ SMALL = {
 
 
 def patch_interpreter():
-    """Two gaps of Triton 3.6's interpreter: under numpy >= 2.4 a loop bound taken from a kernel argument fails
-    (int() of a 1-element array, triton-lang/triton#9171, the upstream fix made here), and tl.dot multiplies bf16
-    operands as their raw uint16 bits (here they are widened to fp32 first, exact)."""
+    """A gap of Triton's interpreter (3.6 to 3.9): tl.dot multiplies bf16 operands as their raw uint16 bits (here
+    they are widened to fp32 first, exact)."""
     from triton.runtime import interpreter
-    patch_tensor, create_dot = interpreter._patch_lang_tensor, interpreter.InterpreterBuilder.create_dot
-
-    def patched_tensor(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+    create_dot = interpreter.InterpreterBuilder.create_dot
 
     def patched_dot(self, a, b, *args):
         if a.dtype.scalar == kernels.tl.bfloat16:
             a, b = self.cast_impl(a, kernels.tl.float32), self.cast_impl(b, kernels.tl.float32)
         return create_dot(self, a, b, *args)
 
-    interpreter._patch_lang_tensor = patched_tensor
     interpreter.InterpreterBuilder.create_dot = patched_dot
 
 
