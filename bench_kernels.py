@@ -36,8 +36,8 @@ N_CHECK = 8192
 LOSS_TOL, GRAD_TOL = 1e-3, 1e-2
 
 # The first version's arithmetic and launch settings (commit 2d0b962), the baseline.
-FIRST_FLAGS = {"forward": dict(EXP="exp2", LAZY_RESCALE=False, TARGET_SKIP=False),
-               "dw": dict(EXP="exp2", G="mul", TARGET_SKIP=False)}
+FIRST_FLAGS = {"forward": dict(EXP="exp2", LAZY_RESCALE=False, TARGET_SKIP=False, PIPELINE=False),
+               "dw": dict(EXP="exp2", G="mul", TARGET_SKIP=False, PIPELINE=False)}
 FIRST_TILES = {
     128: {"forward": dict(BLOCK_M=128, BLOCK_N=64, K_BYTES=256, num_warps=4, num_stages=3),
           "dw": dict(BLOCK_M=64, BLOCK_N=128, K_BYTES=256, num_warps=4, num_stages=3, SPLIT=1)},
@@ -50,19 +50,21 @@ LEAN = dict(LAZY_RESCALE=True, TARGET_SKIP=True)
 FLAGS = {  # the arithmetic variants, by name
     "forward": {
         "first": FIRST_FLAGS["forward"],
-        "exp2 lean": dict(EXP="exp2", **LEAN),
-        "ftz": dict(FIRST_FLAGS["forward"], EXP="ftz"),
-        "ftz lean": dict(EXP="ftz", **LEAN),
-        "bf16x2": dict(FIRST_FLAGS["forward"], EXP="bf16x2"),
-        "bf16x2 lean": dict(EXP="bf16x2", **LEAN),
+        "exp2 lean": dict(EXP="exp2", **LEAN, PIPELINE=False),
+        "ftz lean": dict(EXP="ftz", **LEAN, PIPELINE=False),
+        "ftz lean pipe": dict(EXP="ftz", **LEAN, PIPELINE=True),
+        "ftz pipe": dict(EXP="ftz", LAZY_RESCALE=False, TARGET_SKIP=True, PIPELINE=True),
+        "bf16x2 lean": dict(EXP="bf16x2", **LEAN, PIPELINE=False),
+        "bf16x2 lean pipe": dict(EXP="bf16x2", **LEAN, PIPELINE=True),
     },
     "dw": {
         "first": FIRST_FLAGS["dw"],
-        "exp2 g-exp": dict(EXP="exp2", G="exp", TARGET_SKIP=True),
-        "ftz g-exp": dict(EXP="ftz", G="exp", TARGET_SKIP=True),
-        "ftz g-x": dict(EXP="ftz", G="x", TARGET_SKIP=True),
-        "bf16x2 g-x": dict(EXP="bf16x2", G="x", TARGET_SKIP=True),
-        "bf16x2 g-mul": dict(EXP="bf16x2", G="mul", TARGET_SKIP=True),
+        "exp2 g-exp": dict(EXP="exp2", G="exp", TARGET_SKIP=True, PIPELINE=False),
+        "ftz g-exp": dict(EXP="ftz", G="exp", TARGET_SKIP=True, PIPELINE=False),
+        "ftz g-exp pipe": dict(EXP="ftz", G="exp", TARGET_SKIP=True, PIPELINE=True),
+        "ftz g-x": dict(EXP="ftz", G="x", TARGET_SKIP=True, PIPELINE=False),
+        "bf16x2 g-x": dict(EXP="bf16x2", G="x", TARGET_SKIP=True, PIPELINE=False),
+        "bf16x2 g-x pipe": dict(EXP="bf16x2", G="x", TARGET_SKIP=True, PIPELINE=True),
     },
 }
 
@@ -79,7 +81,8 @@ SWEEP = {  # per CONFIGS bucket: the flag sets and the tiles tried (besides the 
               dw=[tiles(128, 128, 8, 3, split=1), tiles(64, 128, 4, 4, split=1), tiles(64, 64, 4, 3, split=1),
                   tiles(128, 64, 4, 3, split=1), tiles(64, 256, 8, 3, split=1), tiles(128, 128, 4, 3, split=1),
                   tiles(64, 128, 4, 3, split=2)]),
-    256: dict(flags={"forward": ["first", "ftz lean", "bf16x2 lean"], "dw": ["first", "ftz g-exp", "bf16x2 g-x"]},
+    256: dict(flags={"forward": ["first", "ftz lean", "ftz lean pipe", "bf16x2 lean pipe"],
+                     "dw": ["first", "ftz g-exp", "ftz g-exp pipe", "bf16x2 g-x pipe"]},
               forward=[tiles(128, 64, 4, 3), tiles(128, 128, 8, 3), tiles(64, 64, 4, 3)],
               dw=[tiles(64, 128, 4, 3, split=1), tiles(128, 64, 4, 3, split=1), tiles(128, 128, 8, 3, split=1)]),
     math.inf: dict(flags={"forward": ["first", "ftz lean", "bf16x2 lean"], "dw": ["first", "ftz g-exp", "bf16x2 g-x"]},
@@ -304,7 +307,7 @@ def study_shape(n, d, quick, deadline, compiled):
         record["kernels"].append(entry)
         errors = " ".join(f"{k} {v:.1e}" for k, v in (entry["errors"] or {}).items())
         status = f"failed: {error}" if error else f"{entry['ms']:7.3f} ms  {'ok  ' if entry['ok'] else 'FAIL'} {errors}"
-        print(f"  {kernel:7s} {name:12s} {describe(cfg):42s} {status}")
+        print(f"  {kernel:7s} {name:16s} {describe(cfg):44s} {status}")
     if record["skipped"]:
         print(f"  past the time budget, skipped {len(record['skipped'])} sweep entries")
 

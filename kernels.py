@@ -57,25 +57,29 @@ HAS_TRITON = triton is not None and (torch.cuda.is_available() or INTERPRET)
 #   LAZY_RESCALE (forward): move the running max, and rescale the sums, only when a tile's max exceeds it by more
 #     than 2^RESCALE_LOG2 (softmax terms stay <= 2^8; exact otherwise) instead of at every tile.
 #   TARGET_SKIP: apply the target-column select only in tiles that hold a target of the block.
+#   PIPELINE (rows that fit K_BYTES): each loop iteration issues the logits matmul of the next tile before the
+#     softmax of this one, and the second matmul of the previous tile first, so that the tensor cores' logits work
+#     can overlap the exponentials (Triton runs a matmul whose result is only carried to the next iteration
+#     asynchronously, past a synchronous one). Costs one more iteration and a second load of each tile.
 #   G (dW): how the loss gradient g_i enters dz_iv = g_i (p_iv - [v == t_i]): "mul" (a product per logit), "exp"
 #     (folded into the exponent: 2^(log2e (z - lse) + log2 |g|); not with "bf16x2", whose argument would lose
 #     bits), "x" (the second matmul takes g x, (N, d), made before the launch).
-LEAN = dict(LAZY_RESCALE=True, TARGET_SKIP=True)
+LEAN = dict(LAZY_RESCALE=True, TARGET_SKIP=True, PIPELINE=False)
 CONFIGS = {  # N = 65536 (16384 for d = 768); tiles: the best of the sweep on an H200 (torch 2.11, triton 3.6)
     128: {  # bf16 d <= 64
         "forward": dict(BLOCK_M=128, BLOCK_N=64, K_BYTES=256, num_warps=4, num_stages=3, EXP="ftz", **LEAN),
         "dw": dict(BLOCK_M=64, BLOCK_N=128, K_BYTES=256, num_warps=4, num_stages=3, SPLIT=1, EXP="ftz",
-                   G="exp", TARGET_SKIP=True),
+                   G="exp", TARGET_SKIP=True, PIPELINE=False),
     },
     256: {  # bf16 d <= 128
         "forward": dict(BLOCK_M=64, BLOCK_N=128, K_BYTES=256, num_warps=4, num_stages=3, EXP="ftz", **LEAN),
         "dw": dict(BLOCK_M=64, BLOCK_N=64, K_BYTES=256, num_warps=4, num_stages=4, SPLIT=1, EXP="ftz",
-                   G="exp", TARGET_SKIP=True),
+                   G="exp", TARGET_SKIP=True, PIPELINE=False),
     },
     math.inf: {  # wider rows, in chunks (d = 768 in bf16: 3 chunks for the forward, 6 for dW)
         "forward": dict(BLOCK_M=128, BLOCK_N=64, K_BYTES=512, num_warps=8, num_stages=2, EXP="ftz", **LEAN),
         "dw": dict(BLOCK_M=64, BLOCK_N=64, K_BYTES=256, num_warps=4, num_stages=3, SPLIT=1, EXP="ftz",
-                   G="exp", TARGET_SKIP=True),
+                   G="exp", TARGET_SKIP=True, PIPELINE=False),
     },
 }
 
@@ -147,22 +151,63 @@ if triton is not None:
         return z_t
 
     @triton.jit
+    def _load_rows(ptr, rows, cols, n_rows, n_cols, stride):
+        """_load_tile for rows that may be negative (0 there)."""
+        mask = (rows[:, None] >= 0) & (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+
+    @triton.jit
+    def _softmax_tile(z, n0, t, m, l, b_ptr, V, HAS_BIAS: tl.constexpr, EXP: tl.constexpr, ASM: tl.constexpr,
+                      LAZY_RESCALE: tl.constexpr, TARGET_SKIP: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One step of the online logsumexp over the logit tile z (tokens x vocabulary columns n0 + [0, BLOCK_N)):
+        m <- max(m, max_v z_v),  l <- l 2^(log2e (m_old - m)) + sum_v 2^(log2e (z_v - m)).
+        Returns the terms 2^(log2e (z_v - m)) with the target column set to 0 (for the dx matmul), m, l, and
+        alpha = 2^(log2e (m_old - m)) with whether m moved (the dx sum is to be rescaled by alpha)."""
+        cols = n0 + tl.arange(0, BLOCK_N)
+        if HAS_BIAS:  # columns past V: -inf, out of every sum
+            z += tl.load(b_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)[None, :]
+        elif n0 + BLOCK_N > V:
+            z = tl.where(cols[None, :] < V, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.full(m.shape, 1.0, tl.float32)
+        if LAZY_RESCALE:
+            rescale = tl.max(m_new - m) * LOG2E > RESCALE_LOG2
+            if rescale:
+                alpha = tl.exp2((m - m_new) * LOG2E)
+                l *= alpha
+                m = m_new
+        else:
+            rescale = tl.max(m_new - m) >= 0.0  # always
+            alpha = tl.exp2((m - m_new) * LOG2E)
+            l *= alpha
+            m = m_new
+        p = _exp2(z * LOG2E - (m * LOG2E)[:, None], EXP, ASM)
+        l += tl.sum(p.to(tl.float32), axis=1)
+        if TARGET_SKIP:
+            if _holds_target(t, n0, BLOCK_N):
+                p = tl.where(cols[None, :] == t[:, None], 0.0, p).to(p.dtype)
+        else:
+            p = tl.where(cols[None, :] == t[:, None], 0.0, p).to(p.dtype)
+        return p, m, l, alpha, rescale
+
+    @triton.jit
     def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, loss_ptr, lse_ptr, dx_ptr, N, V, D, stride_x, stride_w,
                         ignore_index, HAS_BIAS: tl.constexpr, WITH_DX: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, PRECISION: tl.constexpr,
                         EXP: tl.constexpr, ASM: tl.constexpr, LAZY_RESCALE: tl.constexpr,
-                        TARGET_SKIP: tl.constexpr):
+                        TARGET_SKIP: tl.constexpr, PIPELINE: tl.constexpr):
         """lse_i and loss_i (0 if ignored, nan if t_i is outside [0, V)) of BLOCK_M tokens (program_id 0) and, with
         WITH_DX, the BLOCK_K columns of chunk program_id 1 of the gradient of loss_i, dx_i / g_i (fp32):
 
             dx_i / g_i = sum_v p_iv W_v - W_{t_i} = sum_{v != t_i} p_iv W_v - (1 - p_{i t_i}) W_{t_i}.
 
-        Online logsumexp over vocabulary tiles of BLOCK_N, with a running max m (natural units):
-        m <- max(m, max_v z_v),  l <- l 2^(log2e (m_old - m)) + sum_v 2^(log2e (z_v - m)),  lse = m + ln l
-        (each exponent one fused multiply-add); the sum over v != t_i is accumulated alongside as
-        sum_v 2^(...) W_v (rescaled with l, as in flash attention) and divided by l at the end. The target column
-        is left out of that matmul and added in fp32, so that 1 - p_t keeps its precision for confident
-        predictions."""
+        Online logsumexp over vocabulary tiles of BLOCK_N (_softmax_tile, in natural units, each exponent one
+        fused multiply-add); the sum over v != t_i is accumulated alongside as sum_v 2^(...) W_v (rescaled with l,
+        as in flash attention) and divided by l at the end. The target column is left out of that matmul and added
+        in fp32, so that 1 - p_t keeps its precision for confident predictions. With PIPELINE (and WITH_DX,
+        NUM_K == 1) iteration j runs the dx matmul of tile j - 1, then starts the logits matmul of tile j + 1,
+        then the softmax of tile j, which the tensor cores' work on tile j + 1 can overlap (one iteration more,
+        on an empty tile past V)."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols_d = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         t = tl.load(t_ptr + rows, mask=rows < N, other=ignore_index)
@@ -170,35 +215,41 @@ if triton is not None:
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
-        for n0 in range(0, V, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            w = _load_tile(w_ptr, cols, cols_d, V, D, stride_w)  # this chunk of W, also the logits' if NUM_K == 1
-            z = _dot_nt(x, w, x_ptr, w_ptr, rows, cols, N, V, D, stride_x, stride_w, BLOCK_K, NUM_K, PRECISION)
-            if HAS_BIAS:  # columns past V: -inf, out of every sum
-                z += tl.load(b_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)[None, :]
-            elif n0 + BLOCK_N > V:
-                z = tl.where(cols[None, :] < V, z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            if LAZY_RESCALE:
-                if tl.max(m_new - m) * LOG2E > RESCALE_LOG2:
-                    alpha = tl.exp2((m - m_new) * LOG2E)
-                    l *= alpha
-                    acc *= alpha[:, None]
-                    m = m_new
-            else:
-                alpha = tl.exp2((m - m_new) * LOG2E)
-                l *= alpha
-                acc *= alpha[:, None]
-                m = m_new
-            p = _exp2(z * LOG2E - (m * LOG2E)[:, None], EXP, ASM)
-            l += tl.sum(p.to(tl.float32), axis=1)
-            if WITH_DX:
-                if TARGET_SKIP:
-                    if _holds_target(t, n0, BLOCK_N):
-                        p = tl.where(cols[None, :] == t[:, None], 0.0, p).to(p.dtype)
+        if PIPELINE and WITH_DX and NUM_K == 1:
+            z = tl.dot(x, tl.trans(_load_tile(w_ptr, tl.arange(0, BLOCK_N), cols_d, V, D, stride_w)),
+                       input_precision=PRECISION)
+            p_prev = tl.zeros((BLOCK_M, BLOCK_N), x.dtype)
+            alpha_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
+            rescale_prev = tl.max(alpha_prev) > 2.0  # False
+            for n0 in range(0, V + BLOCK_N, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                if LAZY_RESCALE:
+                    if rescale_prev:
+                        acc *= alpha_prev[:, None]
                 else:
-                    p = tl.where(cols[None, :] == t[:, None], 0.0, p).to(p.dtype)
-                acc = tl.dot(p.to(w.dtype), w, acc, input_precision=PRECISION)
+                    acc *= alpha_prev[:, None]
+                w_prev = _load_rows(w_ptr, cols - BLOCK_N, cols_d, V, D, stride_w)
+                acc = tl.dot(p_prev, w_prev, acc, input_precision=PRECISION)
+                w_next = _load_tile(w_ptr, cols + BLOCK_N, cols_d, V, D, stride_w)
+                z_next = tl.dot(x, tl.trans(w_next), input_precision=PRECISION)
+                p, m, l, alpha_prev, rescale_prev = _softmax_tile(z, n0, t, m, l, b_ptr, V, HAS_BIAS, EXP, ASM,
+                                                                  LAZY_RESCALE, TARGET_SKIP, BLOCK_N)
+                p_prev = p.to(x.dtype)
+                z = z_next
+        else:
+            for n0 in range(0, V, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                w = _load_tile(w_ptr, cols, cols_d, V, D, stride_w)  # this chunk of W; the logits' if NUM_K == 1
+                z = _dot_nt(x, w, x_ptr, w_ptr, rows, cols, N, V, D, stride_x, stride_w, BLOCK_K, NUM_K, PRECISION)
+                p, m, l, alpha, rescale = _softmax_tile(z, n0, t, m, l, b_ptr, V, HAS_BIAS, EXP, ASM, LAZY_RESCALE,
+                                                        TARGET_SKIP, BLOCK_N)
+                if WITH_DX:
+                    if LAZY_RESCALE:
+                        if rescale:
+                            acc *= alpha[:, None]
+                    else:
+                        acc *= alpha[:, None]
+                    acc = tl.dot(p.to(w.dtype), w, acc, input_precision=PRECISION)
         lse = m + tl.log2(l) / LOG2E
 
         in_vocab = (t >= 0) & (t < V)
@@ -216,10 +267,50 @@ if triton is not None:
             tl.store(dx_ptr + rows[:, None] * D + cols_d[None, :], dx, mask=mask)
 
     @triton.jit
+    def _dz_tile(z, rows, v0, t_ptr, lse_ptr, loss_ptr, g_ptr, N, ignore_index, EXP: tl.constexpr,
+                 ASM: tl.constexpr, G: tl.constexpr, TARGET_SKIP: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The transposed gradient tile dz^T (vocabulary rows v0 + [0, BLOCK_N) x token columns rows) from the logit
+        tile z, as
+        G says (see _dw_kernel), and the tokens' loss gradients g (0 on ignored and padding rows)."""
+        cols = v0 + tl.arange(0, BLOCK_N)
+        t = tl.load(t_ptr + rows, mask=rows < N, other=ignore_index)
+        lse2 = tl.load(lse_ptr + rows, mask=rows < N, other=float("inf")) * LOG2E  # padding rows: p = 0
+        loss = tl.load(loss_ptr + rows, mask=rows < N, other=0.0)
+        g = tl.load(g_ptr + rows, mask=rows < N, other=0.0)
+        g = tl.where(t == ignore_index, 0.0, g)
+        p_t_minus_1 = tl.exp2(-loss * LOG2E) - 1.0
+        if G == "exp":
+            dz = _exp2(z * LOG2E + (tl.log2(tl.abs(g)) - lse2)[None, :], EXP, ASM)
+            dz_t = tl.abs(g) * p_t_minus_1
+        else:
+            dz = _exp2(z * LOG2E - lse2[None, :], EXP, ASM)
+            dz_t = p_t_minus_1
+        if TARGET_SKIP:
+            if _holds_target(t, v0, BLOCK_N):
+                dz = tl.where(cols[:, None] == t[None, :], dz_t.to(dz.dtype)[None, :], dz)
+        else:
+            dz = tl.where(cols[:, None] == t[None, :], dz_t.to(dz.dtype)[None, :], dz)
+        if G == "exp":
+            if tl.min(g) < 0:
+                dz = tl.where(g[None, :] < 0, -dz, dz)
+        elif G == "mul":
+            dz = dz.to(tl.float32) * g[None, :]
+        return dz, g
+
+    @triton.jit
+    def _db_terms(dz, g, G: tl.constexpr):
+        """sum_i dz_vi (sum_i dz_vi g_i for G == "x") of a transposed gradient tile."""
+        if G == "x":
+            return tl.sum(dz.to(tl.float32) * g[None, :], axis=1)
+        else:
+            return tl.sum(dz.to(tl.float32), axis=1)
+
+    @triton.jit
     def _dw_kernel(x_ptr, xg_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, loss_ptr, g_ptr, dw_ptr, db_ptr, N, V, D, stride_x,
                    stride_w, ignore_index, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                   EXP: tl.constexpr, ASM: tl.constexpr, G: tl.constexpr, TARGET_SKIP: tl.constexpr):
+                   EXP: tl.constexpr, ASM: tl.constexpr, G: tl.constexpr, TARGET_SKIP: tl.constexpr,
+                   PIPELINE: tl.constexpr):
         """dW = dz^T x and db = sum_i dz_i (fp32, into dw (V, D) and db (V,)) for BLOCK_N vocabulary rows
         (program_id 0) and the BLOCK_K columns of chunk program_id 1, over the token blocks
         program_id 2 + SPLIT j (j = 0, 1, ...). With SPLIT > 1 the partial sums are added atomically
@@ -227,7 +318,8 @@ if triton is not None:
         rows of the tile past V are computed but not stored. The target column p_it - 1 = exp(-loss_i) - 1 comes
         from the forward's loss; the loss gradient g_i enters as G says (see CONFIGS): for "exp",
         dz_iv = sign(g_i) 2^(log2e (z_iv - lse_i) + log2 |g_i|); for "x", dW = (p - [v == t])^T (g x), with
-        xg = g x (N, D) given."""
+        xg = g x (N, D) given. PIPELINE (with NUM_K == 1) as in _forward_kernel: iteration j runs the dW matmul of
+        token block j - 1, starts the logits of block j + 1, then makes dz of block j."""
         v0 = tl.program_id(0) * BLOCK_N
         cols = v0 + tl.arange(0, BLOCK_N)
         cols_d = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -236,43 +328,40 @@ if triton is not None:
             b = tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         db = tl.zeros((BLOCK_N,), tl.float32)
-        for m0 in range(tl.program_id(2) * BLOCK_M, N, SPLIT * BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            t = tl.load(t_ptr + rows, mask=rows < N, other=ignore_index)
-            lse2 = tl.load(lse_ptr + rows, mask=rows < N, other=float("inf")) * LOG2E  # padding rows: p = 0
-            loss = tl.load(loss_ptr + rows, mask=rows < N, other=0.0)
-            g = tl.load(g_ptr + rows, mask=rows < N, other=0.0)
-            g = tl.where(t == ignore_index, 0.0, g)  # 0 on ignored and padding rows
-            p_t_minus_1 = tl.exp2(-loss * LOG2E) - 1.0
-            x = _load_tile(x_ptr, rows, cols_d, N, D, stride_x)  # this chunk of x, also the logits' if NUM_K == 1
-            z = _dot_nt(w, x, w_ptr, x_ptr, cols, rows, V, N, D, stride_w, stride_x, BLOCK_K, NUM_K, PRECISION)
-            if HAS_BIAS:
-                z += b[:, None]
-            if G == "exp":
-                dz = _exp2(z * LOG2E + (tl.log2(tl.abs(g)) - lse2)[None, :], EXP, ASM)
-                dz_t = tl.abs(g) * p_t_minus_1
-            else:
-                dz = _exp2(z * LOG2E - lse2[None, :], EXP, ASM)
-                dz_t = p_t_minus_1
-            if TARGET_SKIP:
-                if _holds_target(t, v0, BLOCK_N):
-                    dz = tl.where(cols[:, None] == t[None, :], dz_t.to(dz.dtype)[None, :], dz)
-            else:
-                dz = tl.where(cols[:, None] == t[None, :], dz_t.to(dz.dtype)[None, :], dz)
-            if G == "exp":
-                if tl.min(g) < 0:
-                    dz = tl.where(g[None, :] < 0, -dz, dz)
-            elif G == "mul":
-                dz = dz.to(tl.float32) * g[None, :]
-            if G == "x":
-                xg = _load_tile(xg_ptr, rows, cols_d, N, D, stride_x)
-                acc = tl.dot(dz.to(x.dtype), xg, acc, input_precision=PRECISION)
+        rhs_ptr = xg_ptr if G == "x" else x_ptr  # the second matmul's token rows
+        step = SPLIT * BLOCK_M
+        start = tl.program_id(2) * BLOCK_M
+        if PIPELINE and NUM_K == 1:
+            z = tl.dot(w, tl.trans(_load_tile(x_ptr, start + tl.arange(0, BLOCK_M), cols_d, N, D, stride_x)),
+                       input_precision=PRECISION)
+            dz_prev = tl.zeros((BLOCK_N, BLOCK_M), w.dtype)
+            for m0 in range(start, N + step, step):
+                rows = m0 + tl.arange(0, BLOCK_M)
+                rhs_prev = _load_rows(rhs_ptr, rows - step, cols_d, N, D, stride_x)
+                acc = tl.dot(dz_prev, rhs_prev, acc, input_precision=PRECISION)
+                z_next = tl.dot(w, tl.trans(_load_tile(x_ptr, rows + step, cols_d, N, D, stride_x)),
+                                input_precision=PRECISION)
                 if HAS_BIAS:
-                    db += tl.sum(dz.to(tl.float32) * g[None, :], axis=1)
-            else:
-                acc = tl.dot(dz.to(x.dtype), x, acc, input_precision=PRECISION)
+                    z += b[:, None]
+                dz, g = _dz_tile(z, rows, v0, t_ptr, lse_ptr, loss_ptr, g_ptr, N, ignore_index, EXP, ASM, G,
+                                 TARGET_SKIP, BLOCK_N)
                 if HAS_BIAS:
-                    db += tl.sum(dz.to(tl.float32), axis=1)
+                    db += _db_terms(dz, g, G)
+                dz_prev = dz.to(w.dtype)
+                z = z_next
+        else:
+            for m0 in range(start, N, step):
+                rows = m0 + tl.arange(0, BLOCK_M)
+                x = _load_tile(x_ptr, rows, cols_d, N, D, stride_x)  # this chunk of x; the logits' if NUM_K == 1
+                z = _dot_nt(w, x, w_ptr, x_ptr, cols, rows, V, N, D, stride_w, stride_x, BLOCK_K, NUM_K, PRECISION)
+                if HAS_BIAS:
+                    z += b[:, None]
+                dz, g = _dz_tile(z, rows, v0, t_ptr, lse_ptr, loss_ptr, g_ptr, N, ignore_index, EXP, ASM, G,
+                                 TARGET_SKIP, BLOCK_N)
+                if HAS_BIAS:
+                    db += _db_terms(dz, g, G)
+                rhs = _load_tile(xg_ptr, rows, cols_d, N, D, stride_x) if G == "x" else x
+                acc = tl.dot(dz.to(x.dtype), rhs, acc, input_precision=PRECISION)
 
         dw_ptrs = dw_ptr + cols[:, None] * D + cols_d[None, :]
         dw_mask = (cols[:, None] < V) & (cols_d[None, :] < D)

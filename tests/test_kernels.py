@@ -28,9 +28,9 @@ needs_triton = pytest.mark.skipif(SKIP_TRITON is not None, reason=SKIP_TRITON or
 # to 512 bytes (128 fp32 columns) are loaded whole. For rows of any width.
 SMALL = {
     "forward": dict(BLOCK_M=64, BLOCK_N=64, K_BYTES=512, num_warps=4, num_stages=2, EXP="ftz", LAZY_RESCALE=True,
-                    TARGET_SKIP=True),
+                    TARGET_SKIP=True, PIPELINE=False),
     "dw": dict(BLOCK_M=64, BLOCK_N=64, K_BYTES=512, num_warps=4, num_stages=2, SPLIT=1, EXP="ftz", G="exp",
-               TARGET_SKIP=True),
+               TARGET_SKIP=True, PIPELINE=False),
 }
 
 
@@ -128,7 +128,7 @@ def test_triton_float32(config, shape, V, d, bias, settings):
 # run in the interpreter: there "ftz" is tl.exp2 and "bf16x2" is tl.exp2 with bf16 roundings of its argument and
 # result, so these tests cover the data flow of each variant; the PTX instructions themselves are checked on a GPU
 # (these tests natively, and bench_kernels.py against float64 at full size).
-CURRENT = dict(EXP="exp2", LAZY_RESCALE=False, TARGET_SKIP=False, G="mul")  # the arithmetic of the first version
+CURRENT = dict(EXP="exp2", LAZY_RESCALE=False, TARGET_SKIP=False, G="mul", PIPELINE=False)  # the first version's
 
 
 @needs_triton
@@ -137,6 +137,9 @@ CURRENT = dict(EXP="exp2", LAZY_RESCALE=False, TARGET_SKIP=False, G="mul")  # th
     dict(CURRENT, G="exp"),
     dict(CURRENT, G="x", TARGET_SKIP=True),
     dict(CURRENT, LAZY_RESCALE=True),
+    dict(CURRENT, PIPELINE=True),
+    dict(CURRENT, PIPELINE=True, LAZY_RESCALE=True, TARGET_SKIP=True, G="exp", SPLIT=3),
+    dict(CURRENT, PIPELINE=True, LAZY_RESCALE=True, TARGET_SKIP=True, G="x", BLOCK_N=32),
 ])
 def test_triton_variants_float32(config, settings):
     config(**settings)
@@ -145,11 +148,19 @@ def test_triton_variants_float32(config, settings):
 
 
 @needs_triton
-@pytest.mark.parametrize("lazy", [False, True])
-def test_triton_rescale(config, lazy):
+def test_triton_pipeline_no_bias_ignore_index_zero(config):
+    """The pipelined loops without a bias (columns past V masked), with ignore_index a real token."""
+    config(PIPELINE=True)
+    leaves, targets = problem((150,), 230, 32, bias=False, ignore_index=0)
+    assert_close(leaves, targets, tol=1e-5, ignore_index=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("lazy, pipeline", [(False, False), (True, False), (True, True)])
+def test_triton_rescale(config, lazy, pipeline):
     """Logits that grow along the vocabulary (by ~40 across it, some rows more than others): the running max moves
     by more than the lazy threshold several times; the result is the same."""
-    config(LAZY_RESCALE=lazy)
+    config(LAZY_RESCALE=lazy, PIPELINE=pipeline)
     (x, weight, bias), targets = problem((130,), 500, 32)
     with torch.no_grad():
         bias.copy_(torch.linspace(0, 30, 500) + bias)
@@ -176,11 +187,11 @@ def test_triton_signed_loss_weights(config, g_mode):
 
 
 @needs_triton
-@pytest.mark.parametrize("g_mode", ["mul", "x"])
-def test_triton_bf16x2(config, g_mode):
+@pytest.mark.parametrize("g_mode, pipeline", [("mul", False), ("x", True)])
+def test_triton_bf16x2(config, g_mode, pipeline):
     """The bf16x2 exponential (bf16 argument and result) on bf16 inputs: within bf16 tolerance of float64; with G
     "exp" it is refused (the exponent, far from 0, would lose bits in bf16)."""
-    config(EXP="bf16x2", G=g_mode)
+    config(EXP="bf16x2", G=g_mode, PIPELINE=pipeline)
     leaves, targets = problem((300,), 1000, 64, dtype=torch.bfloat16)
     assert_close(leaves, targets, tol=1e-2)
     config(EXP="bf16x2", G="exp")
