@@ -22,6 +22,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -74,8 +75,10 @@ def tiles(bm, bn, warps, stages, k_bytes=256, split=None):
     return cfg if split is None else dict(cfg, SPLIT=split)
 
 
-SWEEP = {  # per CONFIGS bucket: the flag sets and the tiles tried (besides the first version's)
+SWEEP = {  # per CONFIGS bucket: the flag sets tried at the first version's tiles, those tried at the other tiles too
     128: dict(flags={k: list(v) for k, v in FLAGS.items()},
+              finalists={"forward": ["ftz lean", "ftz lean pipe", "ftz pipe", "bf16x2 lean", "bf16x2 lean pipe"],
+                         "dw": ["ftz g-exp", "ftz g-exp pipe", "ftz g-x", "bf16x2 g-x", "bf16x2 g-x pipe"]},
               forward=[tiles(128, 128, 4, 3), tiles(128, 128, 8, 3), tiles(64, 128, 4, 3), tiles(64, 64, 4, 3),
                        tiles(128, 64, 8, 3), tiles(256, 128, 8, 2)],
               dw=[tiles(128, 128, 8, 3, split=1), tiles(64, 128, 4, 4, split=1), tiles(64, 64, 4, 3, split=1),
@@ -83,9 +86,12 @@ SWEEP = {  # per CONFIGS bucket: the flag sets and the tiles tried (besides the 
                   tiles(64, 128, 4, 3, split=2)]),
     256: dict(flags={"forward": ["first", "ftz lean", "ftz lean pipe", "bf16x2 lean pipe"],
                      "dw": ["first", "ftz g-exp", "ftz g-exp pipe", "bf16x2 g-x pipe"]},
+              finalists={"forward": ["ftz lean", "ftz lean pipe", "bf16x2 lean pipe"],
+                         "dw": ["ftz g-exp", "ftz g-exp pipe", "bf16x2 g-x pipe"]},
               forward=[tiles(128, 64, 4, 3), tiles(128, 128, 8, 3), tiles(64, 64, 4, 3)],
               dw=[tiles(64, 128, 4, 3, split=1), tiles(128, 64, 4, 3, split=1), tiles(128, 128, 8, 3, split=1)]),
     math.inf: dict(flags={"forward": ["first", "ftz lean", "bf16x2 lean"], "dw": ["first", "ftz g-exp", "bf16x2 g-x"]},
+                   finalists={"forward": ["ftz lean", "bf16x2 lean"], "dw": ["ftz g-exp", "bf16x2 g-x"]},
                    forward=[tiles(64, 64, 4, 3, 512)],
                    dw=[tiles(64, 128, 4, 3, 256, split=1)]),
 }
@@ -97,15 +103,16 @@ def bucket(d):
 
 def variants(d, quick=False):
     """[(kernel, name, cfg)] for rows of width d: the first version, CONFIGS, then (unless quick) every flag set at
-    the first version's tiles, then at the other tiles."""
+    the first version's tiles, then the finalists at the other tiles."""
     key = bucket(d)
     out = [(k, "first", dict(FIRST_TILES[key][k], **FIRST_FLAGS[k])) for k in ("forward", "dw")]
     out += [(k, "CONFIGS", CONFIGS[key][k]) for k in ("forward", "dw")]
     if quick:
         return out
     for k in ("forward", "dw"):
-        for tile in [FIRST_TILES[key][k]] + SWEEP[key][k]:
-            out += [(k, name, dict(tile, **FLAGS[k][name])) for name in SWEEP[key]["flags"][k]]
+        out += [(k, name, dict(FIRST_TILES[key][k], **FLAGS[k][name])) for name in SWEEP[key]["flags"][k]]
+        for tile in SWEEP[key][k]:
+            out += [(k, name, dict(tile, **FLAGS[k][name])) for name in SWEEP[key]["finalists"][k]]
     unique = {}
     for k, name, cfg in out:
         unique.setdefault((k, json.dumps(cfg, sort_keys=True)), (k, name, cfg))
@@ -212,10 +219,11 @@ def autograd_fwd_bwd(fn, prob):
 # -----------------------------------------------------------------------------
 # timing
 
-def timed(fn):
-    """Median ms of fn (do_bench) and the peak memory of one call above what was allocated before, GiB."""
+def timed(fn, rep=100):
+    """Median ms of fn (do_bench, about rep ms of runs) and the peak memory of one call above what was allocated
+    before, GiB."""
     from triton.testing import do_bench
-    ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+    ms = do_bench(fn, warmup=rep // 4, rep=rep, return_mode="median")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -246,10 +254,15 @@ def compile_jobs(quick):
     return jobs
 
 
-def run_compile_worker(index, count, quick):
-    """Compile jobs index, index + count, ... (their errors are reported by the main process)."""
+def run_compile_worker(claims, quick):
+    """Compile the jobs not yet claimed by another worker (a job is claimed by creating the file claims/<index>);
+    errors are left to the main process to report."""
     compiled = torch.compile(linear_cross_entropy_reference, dynamic=False)
-    for job in compile_jobs(quick)[index::count]:
+    for index, job in enumerate(compile_jobs(quick)):
+        try:
+            os.close(os.open(os.path.join(claims, str(index)), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
         if job[0] == "inductor":
             _, n, d, bias = job
             attempt(lambda: autograd_fwd_bwd(compiled, problem(n, d, bias, 0)))
@@ -262,22 +275,24 @@ def run_compile_worker(index, count, quick):
 
 
 def precompile(quick, workers, timeout):
-    """Run the compile workers (subprocesses), at most timeout seconds."""
+    """Run the compile workers (subprocesses) for at most timeout seconds."""
     env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")  # parallel already
-    command = [sys.executable, __file__] + (["--quick"] if quick else []) + ["--compile-worker"]
-    procs = [subprocess.Popen(command + [f"{i}/{workers}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for i in range(workers)]
-    deadline = time.time() + timeout
-    for proc in procs:
-        try:
-            proc.wait(max(1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            print(f"  a compile worker ran past {timeout} s: stopped")
-    failed = [p.stderr.read().decode()[-300:] for p in procs if p.returncode not in (0, -9)]
-    for err in failed:
-        print(f"  a compile worker failed: {err}")
+    with tempfile.TemporaryDirectory() as claims:
+        command = [sys.executable, __file__] + (["--quick"] if quick else []) + ["--compile-worker", claims]
+        logs = [open(os.path.join(claims, f"worker{i}.log"), "w+") for i in range(workers)]
+        procs = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log) for log in logs]
+        deadline = time.time() + timeout
+        for proc, log in zip(procs, logs):
+            try:
+                proc.wait(max(1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                print(f"  a compile worker ran past {timeout:.0f} s: stopped")
+            if proc.returncode not in (0, -9):
+                log.seek(0)
+                print(f"  a compile worker failed: {log.read()[-300:]}")
+            log.close()
 
 
 # -----------------------------------------------------------------------------
@@ -301,7 +316,7 @@ def study_shape(n, d, quick, deadline, compiled):
         entry["errors"], error = attempt(lambda: check(kernel, cfg, check_prob, ref))
         if error is None:
             entry["ok"] = passes(entry["errors"])
-            timing, error = attempt(lambda: timed(launcher(kernel, cfg, prob, stats)))
+            timing, error = attempt(lambda: timed(launcher(kernel, cfg, prob, stats), rep=50))
             entry["ms"] = timing[0] if timing else None
         entry["error"] = error
         record["kernels"].append(entry)
@@ -378,15 +393,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="no sweep: the first version, CONFIGS, baselines")
-    parser.add_argument("--budget", type=float, default=170, help="seconds; past them the sweep stops")
+    parser.add_argument("--budget", type=float, default=180, help="seconds; past them the sweep stops")
     parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--compile-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not (kernels.HAS_TRITON and torch.cuda.is_available() and not kernels.INTERPRET):
         sys.exit("bench_kernels.py needs triton and a CUDA GPU, without TRITON_INTERPRET")
     if args.compile_worker:
-        index, count = map(int, args.compile_worker.split("/"))
-        return run_compile_worker(index, count, args.quick)
+        return run_compile_worker(args.compile_worker, args.quick)
 
     started = time.time()
     env = dict(gpu=torch.cuda.get_device_name(), capability=torch.cuda.get_device_capability(),
@@ -398,7 +412,7 @@ def main():
     compiled = torch.compile(linear_cross_entropy_reference, dynamic=False)
     records = []
     for i, (n, d) in enumerate(SHAPES):  # the sweep of each shape gets its share of the time left
-        deadline = time.time() + (started + args.budget - 20 - time.time()) * (0.6 if i == 0 else 0.5 if i == 1 else 1)
+        deadline = time.time() + (started + args.budget - 20 - time.time()) * (0.7 if i == 0 else 0.6 if i == 1 else 1)
         records.append(study_shape(n, d, args.quick, deadline, compiled))
     summary(records)
     print(f"\n{time.time() - started:.0f} s")

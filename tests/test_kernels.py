@@ -143,7 +143,7 @@ CURRENT = dict(EXP="exp2", LAZY_RESCALE=False, TARGET_SKIP=False, G="mul", PIPEL
 ])
 def test_triton_variants_float32(config, settings):
     config(**settings)
-    leaves, targets = problem((200,), 700, 64)
+    leaves, targets = problem((150,), 300, 32)
     assert_close(leaves, targets, tol=1e-5)
 
 
