@@ -513,12 +513,21 @@ def _report(name, fn):
 # (tl.rand), regenerated in the backward; the seed is drawn from torch's generator on the device.
 # =============================================================================
 
-RELPOS_CONFIGS = {  # launch settings of the four kernels (tunable at run time: python bench_relational.py)
-    "forward": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_V=128, num_warps=4, num_stages=2),
-    "dq": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_V=128, num_warps=4, num_stages=2),
-    "dkdv": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_V=128, num_warps=4, num_stages=2),
-    "dtable": dict(BLOCK=64, num_warps=4, num_stages=2),
+RELPOS_CONFIGS = {  # launch settings of the four kernels for head widths up to the key (tune: python bench_relational.py)
+    16: {
+        "forward": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_V=128, num_warps=4, num_stages=2),
+        "dq": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_V=128, num_warps=4, num_stages=2),
+        "dkdv": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_V=128, num_warps=4, num_stages=2),
+        "dtable": dict(BLOCK=64, num_warps=4, num_stages=2),
+    },
+    math.inf: {
+        "forward": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_V=128, num_warps=8, num_stages=2),
+        "dq": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_V=128, num_warps=8, num_stages=2),
+        "dkdv": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_V=128, num_warps=8, num_stages=2),
+        "dtable": dict(BLOCK=64, num_warps=4, num_stages=2),
+    },
 }
+
 
 if triton is not None:
 
@@ -780,6 +789,11 @@ if triton is not None:
 # -----------------------------------------------------------------------------
 # launches of the relational kernels
 
+def _relpos_configs(q, table):
+    """The launch settings for the widths of q and the table (the larger picks the bucket of RELPOS_CONFIGS)."""
+    return RELPOS_CONFIGS[min(key for key in RELPOS_CONFIGS if key >= max(q.shape[-1], table.shape[-1]))]
+
+
 def _pow2(x):
     """The tile width holding x columns: a power of two, at least 16 (tl.dot's minimum)."""
     return max(16, triton.next_power_of_2(x))
@@ -806,7 +820,7 @@ def _value_chunks(cfg, dv):
 
 def _relpos_forward(q, k, v, table, seed, max_rel_pos, dropout_p, cfg=None):
     """o^v (B, n, T, Dv), o^R (B, n, T, e), both laid out (B, T, n, .), and the base-2 log-sum-exp (B n, T)."""
-    cfg = dict(cfg or RELPOS_CONFIGS["forward"])
+    cfg = dict(cfg or _relpos_configs(q, table)["forward"])
     B, n, T, H = q.shape
     dv, dr = (0 if v is None else v.shape[-1]), table.shape[-1]
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -850,7 +864,7 @@ def _fold_table_grad(part, batch, T, max_rel_pos):
 
 def _relpos_backward(do_v, do_r, q, k, v, table, seed, o_v, o_r, lse, max_rel_pos, dropout_p, cfgs=None):
     """dq, dk (layouts of q, k), dv (B, 1 or n, T, Dv; empty without v), dR (n, 2M+1, e)."""
-    cfgs = cfgs or RELPOS_CONFIGS
+    cfgs = cfgs or _relpos_configs(q, table)
     B, n, T, H = q.shape
     dv, dr = (0 if v is None else v.shape[-1]), table.shape[-1]
     acc_dtype = lse.dtype

@@ -4,6 +4,8 @@ offsets, odd lengths, no values, values shared by all heads; dropout against its
 attention.py's RA and RCA through the kernel. On a CPU the kernels run in the Triton interpreter (slowly: tiny
 shapes, tiles of 16)."""
 
+import math
+
 import pytest
 import torch
 
@@ -29,9 +31,9 @@ SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_V=16, num_warps=4, num_stages=1)
 def tiles(monkeypatch):
     """Tiles of 16 (several tiles, ragged ends, value chunks at these sizes); use(**kernel settings) changes them."""
     def use(forward=None, dq=None, dkdv=None, block=16):
-        monkeypatch.setattr(kernels, "RELPOS_CONFIGS", {
+        monkeypatch.setattr(kernels, "RELPOS_CONFIGS", {math.inf: {
             "forward": {**SMALL, **(forward or {})}, "dq": {**SMALL, **(dq or {})},
-            "dkdv": {**SMALL, **(dkdv or {})}, "dtable": dict(BLOCK=block, num_warps=4, num_stages=1)})
+            "dkdv": {**SMALL, **(dkdv or {})}, "dtable": dict(BLOCK=block, num_warps=4, num_stages=1)}})
     use()
     return use
 
@@ -143,22 +145,23 @@ def test_dropout_equals_plain_with_the_same_mask(tiles):
 def test_dropout_rate_and_seeding(tiles):
     """About a fraction p of the pairs dropped; the mask follows torch's generator: the same after restoring its
     state, different for another draw."""
-    q, k, v, table = (t.detach() for t in problem(1, 2, 48, 8, 4, 8, 47, dtype=torch.float32))
+    tiles(forward=dict(BLOCK_V=64))
+    q, k, v, table = (t.detach() for t in problem(1, 2, 40, 8, 4, 8, 39, dtype=torch.float32))
     p = 0.3
     state = torch.get_rng_state() if DEVICE == "cpu" else torch.cuda.get_rng_state()
-    first = kernel_with_identity_values(q, k, v, table, 47, p)
-    second = kernel_with_identity_values(q, k, v, table, 47, p)
+    first = kernel_with_identity_values(q, k, v, table, 39, p)
+    second = kernel_with_identity_values(q, k, v, table, 39, p)
     if DEVICE == "cpu":
         torch.set_rng_state(state)
     else:
         torch.cuda.set_rng_state(state)
-    again = kernel_with_identity_values(q, k, v, table, 47, p)
+    again = kernel_with_identity_values(q, k, v, table, 39, p)
     for a, b in zip(first, again):
         assert torch.equal(a, b)
     assert not torch.equal(first[2], second[2])
-    causal = torch.ones(48, 48, dtype=torch.bool, device=DEVICE).tril()
-    kept = (first[2] != 0)[..., causal].float().mean().item()  # 2352 pairs: standard deviation ~0.01
-    assert abs(kept - (1 - p)) < 0.04
+    causal = torch.ones(40, 40, dtype=torch.bool, device=DEVICE).tril()
+    kept = (first[2] != 0)[..., causal].float().mean().item()  # 1640 pairs: standard deviation 0.011
+    assert abs(kept - (1 - p)) < 0.05
 
 
 # -----------------------------------------------------------------------------
@@ -166,7 +169,7 @@ def test_dropout_rate_and_seeding(tiles):
 
 def test_custom_ops(tiles):
     """torch.library.opcheck: schemas, fake functions and autograd registration agree with the kernels."""
-    q, k, v, table = problem(1, 2, 17, 8, 6, 8, 5, dtype=torch.float32)
+    q, k, v, table = problem(1, 2, 9, 8, 6, 8, 5, dtype=torch.float32)
     seed = torch.tensor([7], device=DEVICE)
     torch.library.opcheck(kernels.relpos_attention_forward, (q, k, v, table, seed, 5, 0.1),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
