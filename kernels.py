@@ -984,6 +984,8 @@ def relative_position_attention(q, k, v, table, max_rel_pos, dropout_p=0.0):
     None; table R (n, 2M+1, e) with M = max_rel_pos. Returns o^v (B, n, T, Dv) (None without v) and o^R
     (B, n, T, e), laid out (B, T, n, .) so that merging heads is a view. Inputs are cast to the dtype of q. The
     dropout seed is drawn from torch's generator of q's device. Needs Triton (CUDA tensors, or the interpreter)."""
+    if table.shape[1] != 2 * max_rel_pos + 1:
+        raise ValueError(f"the relative table has {table.shape[1]} rows, not 2 max_rel_pos + 1 = {2 * max_rel_pos + 1}")
     dtype = q.dtype
     k, table = _unit_last_stride(k.to(dtype)), _unit_last_stride(table.to(dtype))
     v = None if v is None else _unit_last_stride(v.to(dtype))
