@@ -510,7 +510,8 @@ def _report(name, fn):
 # per (b, g, delta) sums skew(P)^T do^R over them in registers into a (2B, e) partial; the partials are summed over
 # the batch and folded onto the table in PyTorch (slices, no scatter, no atomics: deterministic). Dropout keeps P_ij
 # with probability 1 - p and scales it by 1/(1 - p); the mask is a function of (seed, b, g, i, j) through Philox
-# (tl.rand), regenerated in the backward; the seed is drawn from torch's generator on the device.
+# (16 bits per pair, 8 pairs per call), regenerated in the backward; the seed is drawn from torch's generator on
+# the device.
 # =============================================================================
 
 RELPOS_CONFIGS = {  # launch settings of the four kernels for head widths up to the key (tune: python bench_relational.py)
@@ -570,14 +571,18 @@ if triton is not None:
         return tl.where(causal, tl.exp2(s - lse2[:, None]), 0.0)
 
     @triton.jit
-    def _drop(x, seed_ptr, bh, rows, keys, T, dropout_p, HAS_DROPOUT: tl.constexpr):
-        """x where the pair (i, j) of head bh = b * n + g is kept (probability 1 - dropout_p), else 0. The uniform
-        number of a pair is Philox(seed; counter (i T + j, bh)): the same in the forward and the backward."""
-        if HAS_DROPOUT:
-            seed = tl.load(seed_ptr)
-            counter = (rows[:, None] * T + keys[None, :]).to(tl.int64) + (bh.to(tl.int64) << 32)
-            x = tl.where(tl.rand(seed, counter) >= dropout_p, x, 0.0)
-        return x
+    def _keep(seed_ptr, bh, rows, j0, T, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Which pairs (i, j) of the tile of queries rows and keys j0 .. j0 + BLOCK_N - 1 (j0 a multiple of 8) of head
+        bh = b n + g dropout keeps, the same in every kernel: Philox4x32(seed; i T + j - j % 8, bh, 0, 0) gives 128
+        random bits per row and 8 consecutive keys, dealt out as eight 16-bit numbers u; (i, j) is kept iff its
+        u >= round(dropout_p 2^16) (so the rate is dropout_p to within 2^-17). (BLOCK_M, BLOCK_N) bool."""
+        c0 = rows[:, None] * T + (j0 + 8 * tl.arange(0, BLOCK_N // 8))[None, :]
+        zero = c0 * 0
+        r0, r1, r2, r3 = tl.philox(tl.load(seed_ptr), c0, zero + bh, zero, zero)
+        halves01 = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))
+        halves23 = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
+        u = tl.reshape(tl.join(halves01, halves23), (BLOCK_M, BLOCK_N)).to(tl.int32)
+        return u >= tl.cast(dropout_p * 65536.0 + 0.5, tl.int32)
 
     @triton.jit
     def _dp_tile(do_v_ptr, do_r_ptr, v_ptr, tab_ptr, rows, keys, i0, j0, T, DV, DR, M, s_dot, s_drt, s_vt, s_tr, dp,
@@ -638,7 +643,8 @@ if triton is not None:
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
             l = l * alpha + tl.sum(p, axis=1)
-            p = _drop(p, seed_ptr, bh, rows, keys, T, dropout_p, HAS_DROPOUT)
+            if HAS_DROPOUT:
+                p = tl.where(_keep(seed_ptr, bh, rows, j0, T, dropout_p, BLOCK_M, BLOCK_N), p, 0.0)
             if HAS_V:
                 v = _load_tile(v_ptr, keys, cols_v, T, DV, s_vt)
                 acc_v = tl.dot(p.to(v.dtype), v, acc_v * alpha[:, None], input_precision=PRECISION)
@@ -691,8 +697,9 @@ if triton is not None:
             dp = _dp_tile(do_v_ptr, do_r_ptr, v_ptr, tab_ptr, rows, keys, i0, j0, T, DV, DR, M, s_dovt, s_dort, s_vt, s_tr,
                           tl.zeros((BLOCK_M, BLOCK_N), ACC), HAS_V, HAS_R, BLOCK_M, BLOCK_N, BLOCK_V, NUM_V,
                           BLOCK_R, BLOCK_W, PRECISION)
-            dp = _drop(dp, seed_ptr, bh, rows, keys, T, dropout_p, HAS_DROPOUT) / (1.0 - dropout_p)
-            ds = p * (dp - delta[:, None])
+            if HAS_DROPOUT:
+                dp = tl.where(_keep(seed_ptr, bh, rows, j0, T, dropout_p, BLOCK_M, BLOCK_N), dp, 0.0)
+            ds = p * (dp / (1.0 - dropout_p) - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
         ptrs = dq_ptr + b * s_qb + g * s_qh + rows[:, None] * s_qt + cols_h[None, :]
         tl.store(ptrs, dq * scale, mask=(rows[:, None] < T) & (cols_h[None, :] < H))
@@ -730,17 +737,22 @@ if triton is not None:
             q = _load_tile(q_ptr, rows, cols_h, T, H, s_qt)
             lse2 = tl.load(lse_ptr + bh * T + rows, mask=rows < T, other=float("inf"))
             p = _probs(q, k, lse2, rows, keys, T, qk_scale, PRECISION)
+            if HAS_DROPOUT:
+                keep = _keep(seed_ptr, bh, rows, j0, T, dropout_p, BLOCK_M, BLOCK_N)
             if HAS_V:
                 do = _load_tile(do_v_ptr, rows, cols_v, T, DV, s_dovt)
-                p_drop = _drop(p, seed_ptr, bh, rows, keys, T, dropout_p, HAS_DROPOUT)
+                p_drop = p
+                if HAS_DROPOUT:
+                    p_drop = tl.where(keep, p, 0.0)
                 dv = tl.dot(tl.trans(p_drop.to(do.dtype)), do, dv, input_precision=PRECISION)
             if WITH_DK:
                 delta = tl.load(delta_ptr + bh * T + rows, mask=rows < T, other=0.0)
                 dp = _dp_tile(do_v_ptr, do_r_ptr, v_ptr, tab_ptr, rows, keys, i0, j0, T, DV, DR, M, s_dovt, s_dort, s_vt, s_tr,
                               tl.zeros((BLOCK_M, BLOCK_N), ACC), HAS_V, HAS_R, BLOCK_M, BLOCK_N, BLOCK_V, NUM_V,
                               BLOCK_R, BLOCK_W, PRECISION)
-                dp = _drop(dp, seed_ptr, bh, rows, keys, T, dropout_p, HAS_DROPOUT) / (1.0 - dropout_p)
-                ds = p * (dp - delta[:, None])
+                if HAS_DROPOUT:
+                    dp = tl.where(keep, dp, 0.0)
+                ds = p * (dp / (1.0 - dropout_p) - delta[:, None])
                 dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
         if HAS_V:
             ptrs = dv_ptr + (bh * T + keys[:, None]) * DV + cols_v[None, :]
@@ -776,8 +788,9 @@ if triton is not None:
             q = _load_tile(q_ptr, rows, cols_h, T, H, s_qt)
             k = _load_tile(k_ptr, keys, cols_h, T, H, s_kt)
             lse2 = tl.load(lse_ptr + bh * T + rows, mask=rows < T, other=float("inf"))
-            p = _drop(_probs(q, k, lse2, rows, keys, T, qk_scale, PRECISION), seed_ptr, bh, rows, keys, T,
-                      dropout_p, HAS_DROPOUT)
+            p = _probs(q, k, lse2, rows, keys, T, qk_scale, PRECISION)
+            if HAS_DROPOUT:
+                p = tl.where(_keep(seed_ptr, bh, rows, j0, T, dropout_p, BLOCK, BLOCK), p, 0.0)
             do_r = _load_tile(do_r_ptr, rows, cols_r, T, DR, s_dort)
             p_skew = _skew(p, BLOCK, BLOCK, 2 * BLOCK).to(do_r.dtype)
             acc = tl.dot(tl.trans(p_skew), do_r, acc, input_precision=PRECISION)
