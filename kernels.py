@@ -494,7 +494,7 @@ def _report(name, fn):
 # (RA: the relation keys, shared by all heads; RCA: none) and a relative table R (2M+1, e) (W_v applied to the
 # symbol table first):
 #
-#     P = dropout(causal softmax(q k^T * scale)),   o^v_i = sum_j P_ij v_j,   o^R_i = sum_j P_ij R[clip(j - i, -M, M) + M]
+#     P = dropout(causal softmax(q k^T / sqrt(h))),  o^v_i = sum_j P_ij v_j,  o^R_i = sum_j P_ij R[clip(j-i, -M, M) + M]
 #
 # A tile of BM queries x BN keys touches the BM + BN - 1 offsets j - i = (j0 - i0) - (BM-1) .. (j0 - i0) + BN-1. The
 # tile of P is re-indexed by offset ("skewed", out[r, u] = P[r, u + r - (BM-1)], a register gather) into (BM, W)
@@ -514,7 +514,7 @@ def _report(name, fn):
 # the device.
 # =============================================================================
 
-RELPOS_CONFIGS = {  # launch settings of the four kernels for head widths up to the key (tune: python bench_relational.py)
+RELPOS_CONFIGS = {  # launch settings of the four kernels, for head widths up to the key (python bench_relational.py)
     16: {
         "forward": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_V=128, num_warps=4, num_stages=2),
         "dq": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_V=128, num_warps=4, num_stages=2),
@@ -614,9 +614,9 @@ if triton is not None:
                                BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
                                BLOCK_W: tl.constexpr, PRECISION: tl.constexpr):
         """o^v (columns of value chunk first_chunk + program_id 2), with HAS_R o^R, and with STORE_LSE the
-        log-sum-exp (base 2, into (B n, T)) of BLOCK_M queries (program_id 0) of head program_id 1 = b * n + g. Online softmax over the key
-        tiles j0 <= the last query; the dropout mask applies to the accumulated P, the softmax sum l to the
-        undropped P, and 1 / (l (1 - p)) at the end."""
+        log-sum-exp (base 2, into (B n, T)) of BLOCK_M queries (program_id 0) of head program_id 1 = b * n + g.
+        Online softmax over the key tiles j0 <= the last query; the dropout mask applies to the accumulated P, the
+        softmax sum l to the undropped P, and 1 / (l (1 - p)) at the end."""
         i0 = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1)
         b, g = bh // n_heads, bh % n_heads
@@ -694,7 +694,8 @@ if triton is not None:
             keys = j0 + tl.arange(0, BLOCK_N)
             k = _load_tile(k_ptr, keys, cols_h, T, H, s_kt)
             p = _probs(q, k, lse2, rows, keys, T, qk_scale, PRECISION)
-            dp = _dp_tile(do_v_ptr, do_r_ptr, v_ptr, tab_ptr, rows, keys, i0, j0, T, DV, DR, M, s_dovt, s_dort, s_vt, s_tr,
+            dp = _dp_tile(do_v_ptr, do_r_ptr, v_ptr, tab_ptr, rows, keys, i0, j0, T, DV, DR, M,
+                          s_dovt, s_dort, s_vt, s_tr,
                           tl.zeros((BLOCK_M, BLOCK_N), ACC), HAS_V, HAS_R, BLOCK_M, BLOCK_N, BLOCK_V, NUM_V,
                           BLOCK_R, BLOCK_W, PRECISION)
             if HAS_DROPOUT:
@@ -747,7 +748,8 @@ if triton is not None:
                 dv = tl.dot(tl.trans(p_drop.to(do.dtype)), do, dv, input_precision=PRECISION)
             if WITH_DK:
                 delta = tl.load(delta_ptr + bh * T + rows, mask=rows < T, other=0.0)
-                dp = _dp_tile(do_v_ptr, do_r_ptr, v_ptr, tab_ptr, rows, keys, i0, j0, T, DV, DR, M, s_dovt, s_dort, s_vt, s_tr,
+                dp = _dp_tile(do_v_ptr, do_r_ptr, v_ptr, tab_ptr, rows, keys, i0, j0, T, DV, DR, M,
+                              s_dovt, s_dort, s_vt, s_tr,
                               tl.zeros((BLOCK_M, BLOCK_N), ACC), HAS_V, HAS_R, BLOCK_M, BLOCK_N, BLOCK_V, NUM_V,
                               BLOCK_R, BLOCK_W, PRECISION)
                 if HAS_DROPOUT:
@@ -932,7 +934,8 @@ def _relpos_backward(do_v, do_r, q, k, v, table, seed, o_v, o_r, lse, max_rel_po
 
 @torch.library.custom_op("dat::relpos_attention_forward", mutates_args=())
 def relpos_attention_forward(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], table: torch.Tensor,
-                             seed: Optional[torch.Tensor], max_rel_pos: int, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             seed: Optional[torch.Tensor], max_rel_pos: int,
+                             dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """o^v_i = sum_j P_ij v_j (B, n, T, Dv; (B, n, T, 0) without v), o^R_i = sum_j P_ij R[clip(j-i, -M, M) + M]
     (B, n, T, e), P = dropout(causal softmax(q k^T / sqrt(h))), and the base-2 log-sum-exp (B n, T). q, k (B, n, T, h),
     v (B, 1 or n, T, Dv) (one head: shared by all), table R (n, 2M+1, e), in one dtype with unit last strides;
@@ -991,7 +994,8 @@ def _unit_last_stride(x):
 def relative_position_attention(q, k, v, table, max_rel_pos, dropout_p=0.0):
     """Causal attention with position-relative values, fused (no T x T tensor): (o^v, o^R) with
 
-        P = dropout(causal softmax(q k^T / sqrt(h))),  o^v_i = sum_j P_ij v_j,  o^R_i = sum_j P_ij R[clip(j-i, -M, M) + M].
+        P = dropout(causal softmax(q k^T / sqrt(h))),  o^v_i = sum_j P_ij v_j,
+        o^R_i = sum_j P_ij R[clip(j - i, -M, M) + M].
 
     q, k (B, n, T, h); v (B, 1 or n, T, Dv) per-position values (one head: shared by all heads, at no copy) or
     None; table R (n, 2M+1, e) with M = max_rel_pos. Returns o^v (B, n, T, Dv) (None without v) and o^R
