@@ -16,6 +16,8 @@ Timings at the issue's shapes (B, T, n heads of width h, n_r relations of width 
   skew       the current path, torch.compile'd: weights (B, n, T, T) materialised, softmax, dropout, skew, matmuls
   fused      the kernel with kernels.RELPOS_CONFIGS; at dropout 0.1 also each variant of launch settings (fused/X),
              and the best variant per shape, printed as a RELPOS_CONFIGS entry.
+At dropout 0.1 also RA with per-position symbols (values [symbols || relation keys], h + n_r d_r wide per head):
+SDPA, as attention.py runs it (its memory-efficient kernel), against the kernel without a table.
 A variant that fails to compile or run is reported and skipped.
 """
 
@@ -253,6 +255,14 @@ def time_shape(name, shape, variants, device, skew_compiled, budget_s, started):
         report("fused", lambda: forward_backward(lambda: fused(q, k, v, table, M, p), leaves, grads), device)
         if p == 0.0:
             continue
+        symbols = torch.cat((v_h.detach(), v.detach().expand(-1, shape["n"], -1, -1)), -1).requires_grad_()
+        grad_symbols = torch.randn_like(symbols)
+        print("  symbolic-attention RA (per-position values [symbols || relation keys] per head, no table)")
+        report("sdpa wide values", lambda: forward_backward(lambda: sdpa(q, k, symbols, p), [q, k, symbols],
+                                                             [grad_symbols]), device)
+        report("fused, no table", lambda: forward_backward(lambda: [kernels.relative_position_attention(
+            q, k, symbols, None, dropout_p=p)[0]], [q, k, symbols], [grad_symbols]), device)
+        print("  position-relative RA, launch settings")
         times = {}
         for label, cfg in variants.items():
             if time.time() - started > budget_s:

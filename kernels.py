@@ -806,7 +806,13 @@ if triton is not None:
 
 def _relpos_configs(q, table):
     """The launch settings for the widths of q and the table (the larger picks the bucket of RELPOS_CONFIGS)."""
-    return RELPOS_CONFIGS[min(key for key in RELPOS_CONFIGS if key >= max(q.shape[-1], table.shape[-1]))]
+    width = max(q.shape[-1], 0 if table is None else table.shape[-1])
+    return RELPOS_CONFIGS[min(key for key in RELPOS_CONFIGS if key >= width)]
+
+
+def _table_args(q, table):
+    """(width e, the table or a stand-in pointer, its head and row strides) of a table or of none."""
+    return (0, q, 0, 0) if table is None else (table.shape[-1], table, *table.stride()[:2])
 
 
 def _pow2(x):
@@ -834,18 +840,20 @@ def _value_chunks(cfg, dv):
 
 
 def _relpos_forward(q, k, v, table, seed, max_rel_pos, dropout_p, cfg=None):
-    """o^v (B, n, T, Dv), o^R (B, n, T, e), both laid out (B, T, n, .), and the base-2 log-sum-exp (B n, T)."""
+    """o^v (B, n, T, Dv), o^R (B, n, T, e) (e = 0 without a table), both laid out (B, T, n, .), and the base-2
+    log-sum-exp (B n, T)."""
     cfg = dict(cfg or _relpos_configs(q, table)["forward"])
     B, n, T, H = q.shape
-    dv, dr = (0 if v is None else v.shape[-1]), table.shape[-1]
+    dv = 0 if v is None else v.shape[-1]
+    dr, table_, *table_strides = _table_args(q, table)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     o_v = q.new_empty(B, T, n, dv).transpose(1, 2)
     o_r = q.new_empty(B, T, n, dr).transpose(1, 2)
     lse = torch.empty(B * n, T, device=q.device, dtype=acc_dtype)
     block_v, n_chunks = _value_chunks(cfg, dv)
     v_ = q if v is None else v
-    args = (q, k, v_, table, q if seed is None else seed, o_v, o_r, lse, T, n, H, dv, dr, max_rel_pos, dropout_p)
-    strides = (*q.stride()[:3], *k.stride()[:3], *_head_strides(v_, n), *table.stride()[:2], *o_v.stride()[:3],
+    args = (q, k, v_, table_, q if seed is None else seed, o_v, o_r, lse, T, n, H, dv, dr, max_rel_pos, dropout_p)
+    strides = (*q.stride()[:3], *k.stride()[:3], *_head_strides(v_, n), *table_strides, *o_v.stride()[:3],
                *o_r.stride()[:3])
     common = dict(_relpos_common(q, cfg, dropout_p), BLOCK_V=block_v, BLOCK_R=_pow2(dr),
                   BLOCK_W=triton.next_power_of_2(cfg["BLOCK_M"] + cfg["BLOCK_N"] - 1))
@@ -853,7 +861,7 @@ def _relpos_forward(q, k, v, table, seed, max_rel_pos, dropout_p, cfg=None):
     if n_chunks > 1:  # all value chunks but the last: o^v only
         _relpos_forward_kernel[(rows, B * n, n_chunks - 1)](*args, 0, *strides, HAS_V=True, HAS_R=False,
                                                              STORE_LSE=False, **common)
-    _relpos_forward_kernel[(rows, B * n, 1)](*args, max(n_chunks - 1, 0), *strides, HAS_V=dv > 0, HAS_R=True,
+    _relpos_forward_kernel[(rows, B * n, 1)](*args, max(n_chunks - 1, 0), *strides, HAS_V=dv > 0, HAS_R=dr > 0,
                                              STORE_LSE=True, **common)
     return o_v, o_r, lse
 
@@ -878,51 +886,52 @@ def _fold_table_grad(part, batch, T, max_rel_pos):
 
 
 def _relpos_backward(do_v, do_r, q, k, v, table, seed, o_v, o_r, lse, max_rel_pos, dropout_p, cfgs=None):
-    """dq, dk (layouts of q, k), dv (B, 1 or n, T, Dv; empty without v), dR (n, 2M+1, e)."""
+    """dq, dk (layouts of q, k), dv (B, 1 or n, T, Dv; empty without v), dR (n, 2M+1, e; empty without a table)."""
     cfgs = cfgs or _relpos_configs(q, table)
     B, n, T, H = q.shape
-    dv, dr = (0 if v is None else v.shape[-1]), table.shape[-1]
+    dv = 0 if v is None else v.shape[-1]
+    dr, table_, *table_strides = _table_args(q, table)
     acc_dtype = lse.dtype
-    delta = (do_r.to(acc_dtype) * o_r.to(acc_dtype)).sum(-1)  # D_i = do_i . o_i: (B, n, T)
-    if v is not None:
-        delta += (do_v.to(acc_dtype) * o_v.to(acc_dtype)).sum(-1)
-    delta = delta.contiguous()
+    delta = ((do_r.to(acc_dtype) * o_r.to(acc_dtype)).sum(-1)  # D_i = do_i . o_i: (B, n, T)
+             + (do_v.to(acc_dtype) * o_v.to(acc_dtype)).sum(-1)).contiguous()
     v_ = q if v is None else v
     seed_ = q if seed is None else seed
     do_v_ = do_r if v is None else do_v
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dv_heads = torch.empty(B, n, T, dv, device=q.device, dtype=acc_dtype)
     sizes = (T, n, H, dv, dr, max_rel_pos, dropout_p)
-    strides = (*q.stride()[:3], *k.stride()[:3], *_head_strides(v_, n), *table.stride()[:2],
+    strides = (*q.stride()[:3], *k.stride()[:3], *_head_strides(v_, n), *table_strides,
                *_head_strides(do_v_, n), *do_r.stride()[:3])
     br = _pow2(dr)
 
     cfg = dict(cfgs["dq"])
     block_v, n_chunks = _value_chunks(cfg, dv)
-    common = dict(_relpos_common(q, cfg, dropout_p), HAS_V=dv > 0, HAS_R=True, BLOCK_V=block_v, NUM_V=n_chunks,
+    common = dict(_relpos_common(q, cfg, dropout_p), HAS_V=dv > 0, HAS_R=dr > 0, BLOCK_V=block_v, NUM_V=n_chunks,
                   BLOCK_R=br, BLOCK_W=triton.next_power_of_2(cfg["BLOCK_M"] + cfg["BLOCK_N"] - 1))
     _relpos_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * n)](
-        q, k, v_, table, seed_, do_v_, do_r, lse, delta, dq, *sizes, *strides, **common)
+        q, k, v_, table_, seed_, do_v_, do_r, lse, delta, dq, *sizes, *strides, **common)
 
     cfg = dict(cfgs["dkdv"])
     block_v, n_chunks = _value_chunks(cfg, dv)
-    common = dict(_relpos_common(q, cfg, dropout_p), HAS_R=True, BLOCK_V=block_v, NUM_V=n_chunks, BLOCK_R=br,
+    common = dict(_relpos_common(q, cfg, dropout_p), HAS_R=dr > 0, BLOCK_V=block_v, NUM_V=n_chunks, BLOCK_R=br,
                   BLOCK_W=triton.next_power_of_2(cfg["BLOCK_M"] + cfg["BLOCK_N"] - 1))
-    args = (q, k, v_, table, seed_, do_v_, do_r, lse, delta, dk, dv_heads, *sizes)
+    args = (q, k, v_, table_, seed_, do_v_, do_r, lse, delta, dk, dv_heads, *sizes)
     keys = triton.cdiv(T, cfg["BLOCK_N"])
     if n_chunks > 1:  # all value chunks but the last: dv only
         _relpos_dkdv_kernel[(keys, B * n, n_chunks - 1)](*args, 0, *strides, HAS_V=True, WITH_DK=False, **common)
     _relpos_dkdv_kernel[(keys, B * n, 1)](*args, max(n_chunks - 1, 0), *strides, HAS_V=dv > 0, WITH_DK=True,
                                           **common)
 
-    cfg = dict(cfgs["dtable"])
-    block = cfg.pop("BLOCK")
-    n_diag = triton.cdiv(T, block)
-    part = torch.empty(B * n, n_diag, 2 * block, dr, device=q.device, dtype=acc_dtype)
-    _relpos_dtable_kernel[(n_diag, B * n)](
-        q, k, seed_, do_r, lse, part, T, n, H, dr, dropout_p, *q.stride()[:3], *k.stride()[:3],
-        *do_r.stride()[:3], **_relpos_common(q, cfg, dropout_p), BLOCK=block, BLOCK_R=br)
-    d_table = _fold_table_grad(part, B, T, max_rel_pos).to(table.dtype)
+    d_table = q.new_empty(0)
+    if table is not None:
+        cfg = dict(cfgs["dtable"])
+        block = cfg.pop("BLOCK")
+        n_diag = triton.cdiv(T, block)
+        part = torch.empty(B * n, n_diag, 2 * block, dr, device=q.device, dtype=acc_dtype)
+        _relpos_dtable_kernel[(n_diag, B * n)](
+            q, k, seed_, do_r, lse, part, T, n, H, dr, dropout_p, *q.stride()[:3], *k.stride()[:3],
+            *do_r.stride()[:3], **_relpos_common(q, cfg, dropout_p), BLOCK=block, BLOCK_R=br)
+        d_table = _fold_table_grad(part, B, T, max_rel_pos).to(table.dtype)
     if v is None:
         return dq, dk, q.new_empty(0), d_table
     d_v = dv_heads.sum(1, keepdim=True) if v.shape[1] == 1 else dv_heads
@@ -933,13 +942,14 @@ def _relpos_backward(do_v, do_r, q, k, v, table, seed, o_v, o_r, lse, max_rel_po
 # the relational custom ops and their autograd
 
 @torch.library.custom_op("dat::relpos_attention_forward", mutates_args=())
-def relpos_attention_forward(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], table: torch.Tensor,
+def relpos_attention_forward(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],
+                             table: Optional[torch.Tensor],
                              seed: Optional[torch.Tensor], max_rel_pos: int,
                              dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """o^v_i = sum_j P_ij v_j (B, n, T, Dv; (B, n, T, 0) without v), o^R_i = sum_j P_ij R[clip(j-i, -M, M) + M]
-    (B, n, T, e), P = dropout(causal softmax(q k^T / sqrt(h))), and the base-2 log-sum-exp (B n, T). q, k (B, n, T, h),
-    v (B, 1 or n, T, Dv) (one head: shared by all), table R (n, 2M+1, e), in one dtype with unit last strides;
-    seed: an int64 tensor of one element (None: no dropout)."""
+    (B, n, T, e; (B, n, T, 0) without a table), P = dropout(causal softmax(q k^T / sqrt(h))), and the base-2
+    log-sum-exp (B n, T). q, k (B, n, T, h), v (B, 1 or n, T, Dv) (one head: shared by all), table R (n, 2M+1, e),
+    in one dtype with unit last strides; seed: an int64 tensor of one element (None: no dropout)."""
     return _relpos_forward(q, k, v, table, seed, max_rel_pos, dropout_p)
 
 
@@ -947,24 +957,26 @@ def relpos_attention_forward(q: torch.Tensor, k: torch.Tensor, v: Optional[torch
 def _(q, k, v, table, seed, max_rel_pos, dropout_p):
     B, n, T, _ = q.shape
     o_v = q.new_empty(B, T, n, 0 if v is None else v.shape[-1]).transpose(1, 2)
-    o_r = q.new_empty(B, T, n, table.shape[-1]).transpose(1, 2)
+    o_r = q.new_empty(B, T, n, 0 if table is None else table.shape[-1]).transpose(1, 2)
     return o_v, o_r, q.new_empty(B * n, T, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
 @torch.library.custom_op("dat::relpos_attention_backward", mutates_args=())
 def relpos_attention_backward(do_v: torch.Tensor, do_r: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                              v: Optional[torch.Tensor], table: torch.Tensor, seed: Optional[torch.Tensor],
+                              v: Optional[torch.Tensor], table: Optional[torch.Tensor],
+                              seed: Optional[torch.Tensor],
                               o_v: torch.Tensor, o_r: torch.Tensor, lse: torch.Tensor,
                               max_rel_pos: int, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                             torch.Tensor]:
-    """Gradients of q, k, v (empty without v) and table, given those of o^v and o^R."""
+    """Gradients of q, k, v and table (each empty where absent), given those of o^v and o^R."""
     return _relpos_backward(do_v, do_r, q, k, v, table, seed, o_v, o_r, lse, max_rel_pos, dropout_p)
 
 
 @relpos_attention_backward.register_fake
 def _(do_v, do_r, q, k, v, table, seed, o_v, o_r, lse, max_rel_pos, dropout_p):
     d_v = q.new_empty(0) if v is None else v.new_empty(v.shape)
-    return torch.empty_like(q), torch.empty_like(k), d_v, table.new_empty(table.shape)
+    d_table = q.new_empty(0) if table is None else table.new_empty(table.shape)
+    return torch.empty_like(q), torch.empty_like(k), d_v, d_table
 
 
 def _relpos_setup_context(ctx, inputs, output):
@@ -981,7 +993,7 @@ def _relpos_backward_autograd(ctx, grad_o_v, grad_o_r, grad_lse):
     grad_o_r = torch.zeros_like(o_r) if grad_o_r is None else _unit_last_stride(grad_o_r)
     dq, dk, dv, d_table = relpos_attention_backward(grad_o_v, grad_o_r, q, k, v, table, seed, o_v, o_r, lse,
                                                     ctx.max_rel_pos, ctx.dropout_p)
-    return dq, dk, (None if v is None else dv), d_table, None, None, None
+    return dq, dk, (None if v is None else dv), (None if table is None else d_table), None, None, None
 
 
 relpos_attention_forward.register_autograd(_relpos_backward_autograd, setup_context=_relpos_setup_context)
@@ -991,25 +1003,28 @@ def _unit_last_stride(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def relative_position_attention(q, k, v, table, max_rel_pos, dropout_p=0.0):
+def relative_position_attention(q, k, v, table, max_rel_pos=0, dropout_p=0.0):
     """Causal attention with position-relative values, fused (no T x T tensor): (o^v, o^R) with
 
         P = dropout(causal softmax(q k^T / sqrt(h))),  o^v_i = sum_j P_ij v_j,
         o^R_i = sum_j P_ij R[clip(j - i, -M, M) + M].
 
     q, k (B, n, T, h); v (B, 1 or n, T, Dv) per-position values (one head: shared by all heads, at no copy) or
-    None; table R (n, 2M+1, e) with M = max_rel_pos. Returns o^v (B, n, T, Dv) (None without v) and o^R
-    (B, n, T, e), laid out (B, T, n, .) so that merging heads is a view. Inputs are cast to the dtype of q. The
-    dropout seed is drawn from torch's generator of q's device. Needs Triton (CUDA tensors, or the interpreter)."""
-    if table.shape[1] != 2 * max_rel_pos + 1:
+    None; table R (n, 2M+1, e) with M = max_rel_pos, or None (then this is plain causal attention over v). Returns
+    o^v (B, n, T, Dv) and o^R (B, n, T, e) (None where v or the table is), laid out (B, T, n, .) so that merging
+    heads is a view. Inputs are cast to the dtype of q. The dropout seed is drawn from torch's generator of q's
+    device. Needs Triton (CUDA tensors, or the interpreter)."""
+    if v is None and table is None:
+        raise ValueError("relative_position_attention needs values v, a relative table, or both")
+    if table is not None and table.shape[1] != 2 * max_rel_pos + 1:
         raise ValueError(f"the relative table has {table.shape[1]} rows, not 2 max_rel_pos + 1 = {2 * max_rel_pos + 1}")
     dtype = q.dtype
-    k, table = _unit_last_stride(k.to(dtype)), _unit_last_stride(table.to(dtype))
-    v = None if v is None else _unit_last_stride(v.to(dtype))
+    k = _unit_last_stride(k.to(dtype))
+    v, table = (None if t is None else _unit_last_stride(t.to(dtype)) for t in (v, table))
     seed = torch.randint(2**62, (1,), device=q.device) if dropout_p > 0 else None
     o_v, o_r, _ = relpos_attention_forward(_unit_last_stride(q), k, v, table, seed, max_rel_pos,
                                            float(dropout_p))
-    return (None if v is None else o_v), o_r
+    return (None if v is None else o_v), (None if table is None else o_r)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """kernels.relative_position_attention (the fused position-relative attention in Triton) against the materialised
 formula: outputs and the gradients of q, k, v and the table, in float64 (to 1e-10) and float32, with clipped
-offsets, odd lengths, no values, values shared by all heads; dropout against its own mask; the custom ops, and
+offsets, odd lengths, no values, no table, values shared by all heads; dropout against its own mask; the custom ops, and
 attention.py's RA and RCA through the kernel. On a CPU the kernels run in the Triton interpreter (slowly: tiny
 shapes, tiles of 16)."""
 
@@ -39,25 +39,28 @@ def tiles(monkeypatch):
 
 
 def plain(q, k, v, table, max_rel_pos, keep=None, dropout_p=0.0):
-    """(o^v, o^R) from the definition: P (B, n, T, T) and the gathered table (n, T, T, e) materialised; keep is the
-    dropout mask (B, n, T, T) (kept pairs scaled by 1 / (1 - dropout_p))."""
+    """(o^v, o^R) from the definition (None where v or the table is): P (B, n, T, T) and the gathered table
+    (n, T, T, e) materialised; keep is the dropout mask (B, n, T, T) (kept pairs scaled by 1 / (1 - dropout_p))."""
     B, n, T, h = q.shape
     scores = q @ k.transpose(-2, -1) * h ** -0.5
     P = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf")).softmax(-1)
     if keep is not None:
         P = P * keep / (1 - dropout_p)
+    o_v = None if v is None else P @ v
+    if table is None:
+        return o_v, None
     offsets = torch.arange(T, device=q.device)[None, :] - torch.arange(T, device=q.device)[:, None]  # j - i
     gathered = table[:, offsets.clamp(-max_rel_pos, max_rel_pos) + max_rel_pos]  # (n, T, T, e)
-    o_r = torch.einsum("bnij,nije->bnie", P, gathered)
-    return (None if v is None else P @ v), o_r
+    return o_v, torch.einsum("bnij,nije->bnie", P, gathered)
 
 
 def problem(B, n, T, h, dv, e, max_rel_pos, shared=True, dtype=torch.float64, seed=0):
-    """q, k (B, n, T, h), v (B, 1 or n, T, dv) or None, table (n, 2M+1, e): leaves requiring grad."""
+    """q, k (B, n, T, h), v (B, 1 or n, T, dv) or None, table (n, 2M+1, e) or None (e = 0): leaves requiring
+    grad."""
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(B, n, T, h, generator=g, dtype=dtype) for _ in range(2))
     v = None if dv == 0 else torch.randn(B, 1 if shared else n, T, dv, generator=g, dtype=dtype)
-    table = torch.randn(n, 2 * max_rel_pos + 1, e, generator=g, dtype=dtype)
+    table = None if e == 0 else torch.randn(n, 2 * max_rel_pos + 1, e, generator=g, dtype=dtype)
     return [None if t is None else t.to(DEVICE).requires_grad_() for t in (q, k, v, table)]
 
 
@@ -65,11 +68,10 @@ def outputs_and_grads(fn, leaves):
     """(o^v, o^R) and the gradients of every leaf for a fixed random weighting of the outputs."""
     o_v, o_r = fn(*leaves)
     g = torch.Generator().manual_seed(1)
-    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(DEVICE, o.dtype) for o in (o_r, o_v)
-               if o is not None]
-    loss = sum((o * w).sum() for o, w in zip((o_r, o_v), weights))
+    outputs = [o for o in (o_v, o_r) if o is not None]
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(DEVICE, o.dtype)).sum() for o in outputs)
     used = [t for t in leaves if t is not None]
-    return [o for o in (o_v, o_r) if o is not None] + list(torch.autograd.grad(loss, used))
+    return outputs + list(torch.autograd.grad(loss, used))
 
 
 def assert_close(got, ref, atol, rtol=0.0, nonzero=True):
@@ -85,6 +87,7 @@ SHAPES = [  # (B, n, T, h, Dv, e, M, shared v)
     (2, 1, 20, 16, 0, 16, 3, True),     # no values (RCA), heavy clipping
     (1, 3, 1, 8, 4, 8, 2, True),        # a single position
     (1, 1, 33, 4, 20, 24, 31, True),    # T = M + 2: the last row's first key clipped; table wider than the heads
+    (2, 2, 21, 8, 24, 0, 0, False),     # no table: plain causal attention over per-head values in 2 chunks
 ]
 
 
@@ -174,6 +177,7 @@ def test_custom_ops(tiles):
     torch.library.opcheck(kernels.relpos_attention_forward, (q, k, v, table, seed, 5, 0.1),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     torch.library.opcheck(kernels.relpos_attention_forward, (q, k, None, table, None, 5, 0.0))
+    torch.library.opcheck(kernels.relpos_attention_forward, (q, k, v, None, None, 0, 0.0))
     o_v, o_r, lse = kernels.relpos_attention_forward(*(t.detach() for t in (q, k, v, table)), seed, 5, 0.1)
     args = (torch.randn_like(o_v), torch.randn_like(o_r), *(t.detach() for t in (q, k, v, table)), seed, o_v, o_r,
             lse, 5, 0.1)
@@ -209,3 +213,11 @@ def test_modules_through_the_kernel(tiles, monkeypatch, cls, case):
     torch.testing.assert_close(fast, plain_out, rtol=0, atol=1e-10)
     for g_fast, g_plain in zip(grads(module, x, symbols, fast), grads(module, x, symbols, plain_out)):
         torch.testing.assert_close(g_fast, g_plain, rtol=0, atol=1e-10)
+
+
+def test_bad_arguments():
+    q, k, v, table = problem(1, 2, 5, 8, 4, 8, 3)
+    with pytest.raises(ValueError, match="2 max_rel_pos"):
+        kernels.relative_position_attention(q, k, v, table, 4)
+    with pytest.raises(ValueError, match="needs values"):
+        kernels.relative_position_attention(q, k, None, None)
