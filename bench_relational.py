@@ -54,6 +54,7 @@ VARIANTS = {
     "64x64w8": tiles(64, 64, 8, 2, dtable_warps=8),
     "128x64w8": tiles(128, 64, 8, 2, dkdv=(64, 128)),
     "64x32w4s3": tiles(64, 32, 4, 3, block_v=64, dtable=32),
+    "64x64w8v256": tiles(64, 64, 8, 2, block_v=256, dtable_warps=8),  # d768: 2 value chunks instead of 3
 }
 QUICK_VARIANTS = {"16x16": tiles(16, 16, 4, 1, block_v=16, dtable=16)}
 

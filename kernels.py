@@ -1018,6 +1018,10 @@ def relative_position_attention(q, k, v, table, max_rel_pos=0, dropout_p=0.0):
         raise ValueError("relative_position_attention needs values v, a relative table, or both")
     if table is not None and table.shape[1] != 2 * max_rel_pos + 1:
         raise ValueError(f"the relative table has {table.shape[1]} rows, not 2 max_rel_pos + 1 = {2 * max_rel_pos + 1}")
+    widths = [q.shape[-1]] + [t.shape[-1] for t in (v, table) if t is not None]
+    if q.shape[:-1].numel() * max(widths) >= 2**31:
+        raise ValueError("relative_position_attention indexes with 32-bit offsets: B n T times the widest width "
+                         "must stay below 2^31")
     dtype = q.dtype
     k = _unit_last_stride(k.to(dtype))
     v, table = (None if t is None else _unit_last_stride(t.to(dtype)) for t in (v, table))
