@@ -313,6 +313,7 @@ def main():
     if args.quick:
         for bucket in kernels.RELPOS_CONFIGS:
             kernels.RELPOS_CONFIGS[bucket] = QUICK_VARIANTS["16x16"]
+        kernels.RELPOS_CONFIGS_WIDE_DTYPES = QUICK_VARIANTS["16x16"]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)"
     print(f"{name}, torch {torch.__version__}, triton {kernels.triton.__version__}")
     started = time.time()

@@ -530,6 +530,13 @@ RELPOS_CONFIGS = {  # launch settings of the four kernels, for head widths up to
 }
 
 
+RELPOS_CONFIGS_WIDE_DTYPES = {  # fp32 and fp64 (checks, training without autocast)
+    "forward": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_V=64, num_warps=4, num_stages=1),
+    "dq": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_V=64, num_warps=4, num_stages=1),
+    "dkdv": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_V=64, num_warps=4, num_stages=1),
+    "dtable": dict(BLOCK=32, num_warps=4, num_stages=1),
+}
+
 if triton is not None:
 
     @triton.jit
@@ -805,7 +812,10 @@ if triton is not None:
 # launches of the relational kernels
 
 def _relpos_configs(q, table):
-    """The launch settings for the widths of q and the table (the larger picks the bucket of RELPOS_CONFIGS)."""
+    """The launch settings for the widths of q and the table (the larger picks the bucket of RELPOS_CONFIGS); fp32
+    and fp64 take RELPOS_CONFIGS_WIDE_DTYPES (tiles that fit shared memory at twice or four times the bytes)."""
+    if q.element_size() > 2:
+        return RELPOS_CONFIGS_WIDE_DTYPES
     width = max(q.shape[-1], 0 if table is None else table.shape[-1])
     return RELPOS_CONFIGS[min(key for key in RELPOS_CONFIGS if key >= width)]
 

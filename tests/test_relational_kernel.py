@@ -31,9 +31,10 @@ SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_V=16, num_warps=4, num_stages=1)
 def tiles(monkeypatch):
     """Tiles of 16 (several tiles, ragged ends, value chunks at these sizes); use(**kernel settings) changes them."""
     def use(forward=None, dq=None, dkdv=None, block=16):
-        monkeypatch.setattr(kernels, "RELPOS_CONFIGS", {math.inf: {
-            "forward": {**SMALL, **(forward or {})}, "dq": {**SMALL, **(dq or {})},
-            "dkdv": {**SMALL, **(dkdv or {})}, "dtable": dict(BLOCK=block, num_warps=4, num_stages=1)}})
+        small = {"forward": {**SMALL, **(forward or {})}, "dq": {**SMALL, **(dq or {})},
+                 "dkdv": {**SMALL, **(dkdv or {})}, "dtable": dict(BLOCK=block, num_warps=4, num_stages=1)}
+        monkeypatch.setattr(kernels, "RELPOS_CONFIGS", {math.inf: small})
+        monkeypatch.setattr(kernels, "RELPOS_CONFIGS_WIDE_DTYPES", small)
     use()
     return use
 
