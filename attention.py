@@ -7,7 +7,8 @@ Symbols reach the relational modules in one of two forms:
   - per position, (B, T, d): from symbolic attention; the value of sender j is sv_j = W_v s_j;
   - position-relative, a table E of shape (2M+1, d): the value sender j gives receiver i is
     sv_ij = W_v E[clip(j - i, -M, M) + M]. W_v is applied to the table (never to a T x T x d tensor)
-    and the attention weights are re-indexed by offset ("skewed") before one matmul with it.
+    and the attention weights are re-indexed by offset ("skewed") before one matmul with it; on CUDA,
+    RA and RCA run a fused Triton kernel instead (kernels.relative_position_attention: no T x T weights).
 
 Each relational module also has its plain formulation (`plain_forward`), every quantity of the formulas
 materialised as the authors' code computes them; `module.plain = True` switches forward to it (the oracle of
@@ -17,6 +18,8 @@ the fast paths, and the "plain" side of bench.py). Every module counts its own F
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import kernels
 
 
 # -----------------------------------------------------------------------------
@@ -55,6 +58,17 @@ def merge_heads(x):
     return x.transpose(1, 2).flatten(2)
 
 
+def table_heads(table, n_heads):
+    """A projected relative table per head: (2M+1, n*h) -> (n, 2M+1, h)"""
+    return table.unflatten(-1, (n_heads, -1)).transpose(0, 1)
+
+
+def relative_kernel_applies(x):
+    """Position-relative heads run the fused Triton kernel of kernels.py (no T x T tensor) on CUDA tensors;
+    elsewhere the skew below."""
+    return x.is_cuda and kernels.HAS_TRITON
+
+
 def causal_softmax(q, k, scale):
     """Causal attention probabilities softmax(q k^T * scale) over j <= i: (B, H, T, T)."""
     T = q.size(-2)
@@ -91,8 +105,7 @@ def attend_symbols(w, sv, n_heads, max_rel_pos):
     table (2M+1, n*h) when max_rel_pos is given."""
     if max_rel_pos is None:
         return w @ split_heads(sv, n_heads)
-    T = w.size(-1)
-    rows = relative_offset_table(sv, T, max_rel_pos).unflatten(-1, (n_heads, -1)).transpose(0, 1)  # (n, T, h)
+    rows = table_heads(relative_offset_table(sv, w.size(-1), max_rel_pos), n_heads)  # (n, T, h)
     return skew_causal(w) @ rows
 
 
@@ -246,6 +259,9 @@ class RelationalAttention(RelationalHeads):
             values = torch.cat((split_heads(sv, n), k_rel_heads), dim=-1)  # (B, n, T, h + n_r*d_r)
             out = causal_attention(q, k, values, p)
             attended_symbols, attended_keys = out.split((self.head_dim, n_r * d_r), dim=-1)
+        elif relative_kernel_applies(x):
+            attended_keys, attended_symbols = kernels.relative_position_attention(
+                q, k, k_rel.unsqueeze(1), table_heads(sv, n), self.max_rel_pos, p)
         else:
             alpha = F.dropout(causal_softmax(q, k, self.head_dim ** -0.5), p, self.training)  # (B, n, T, T)
             attended_symbols = attend_symbols(alpha, sv, n, self.max_rel_pos)
@@ -300,6 +316,8 @@ class RelationalCrossAttention(RelationalHeads):
         p = self.dropout if self.training else 0.0
         if self.max_rel_pos is None:
             out = causal_attention(q, k, split_heads(sv, n), p)
+        elif relative_kernel_applies(x):
+            _, out = kernels.relative_position_attention(q, k, None, table_heads(sv, n), self.max_rel_pos, p)
         else:
             alpha = F.dropout(causal_softmax(q, k, self.head_dim ** -0.5), p, self.training)
             out = attend_symbols(alpha, sv, n, self.max_rel_pos)
