@@ -256,7 +256,7 @@ def plot(path, title, panels):
     dashed in the same colour; tokens on a log axis (step 0 left out)."""
     cols = min(len(panels), 3)
     nrows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.4 * nrows), squeeze=False, layout="constrained")
     for ax, (panel_title, curves) in zip(axes.flat, panels):
         for i, (label, ours, paper) in enumerate(curves):
             for curve, style, suffix in ((ours, "-", ""), (paper, "--", " (paper)")):
@@ -264,12 +264,11 @@ def plot(path, title, panels):
                     points = [(t, v) for t, v in zip(curve.tokens, curve.val_loss) if t > 0]
                     ax.plot(*zip(*points), style, color=f"C{i}", lw=1.2, label=label + suffix)
         ax.set(xscale="log", title=panel_title, xlabel="tokens", ylabel="validation loss")
-        ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"Tiny Stories: {title} (solid: ours; dashed: the paper's logged runs)", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"Tiny Stories: {title}\nsolid: ours; dashed: the paper's logged runs", fontsize=10)
     fig.savefig(path, dpi=150)
     plt.close(fig)
 

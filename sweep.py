@@ -373,7 +373,7 @@ class Sweep:
         else:
             job.state = "failed"
             job.note = (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}") + \
-                f": {last_line(os.path.join(self.row_dir(job.row), 'train.log'))}"
+                f": {failure_line(os.path.join(self.row_dir(job.row), 'train.log'))}"
         self.event(f"{job.state} {job.row.name}" + (f" ({job.note})" if job.note else ""))
 
     def event(self, text):
@@ -423,10 +423,13 @@ def duration(seconds):
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{int(seconds % 60):02d}s"
 
 
-def last_line(path):
+def failure_line(path):
+    """What the last attempt logged in train.log: its last `error: ...` line, else its last line."""
     with open(path, errors="replace") as f:
-        lines = [line.strip() for line in f if line.strip()]
-    return lines[-1] if lines else ""
+        text = f.read()
+    lines = [line.strip() for line in text[text.rfind("\n=== "):].splitlines()[2:] if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or [""])[-1]
 
 
 # -----------------------------------------------------------------------------
