@@ -366,8 +366,10 @@ class Sweep:
     def finish(self, job):
         code = job.proc.returncode
         job.progress.update()
-        if code == 0:
+        if code == 0 or evaluated_steps(self.row_dir(job.row)) >= self.args.max_iters:
             job.state = "done"
+            if code:  # e.g. stopped while sampling, after its last evaluation
+                job.note = f"exit {code} after its last evaluation"
         elif code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
             job.state, job.note = "stopped", "checkpointed: rerun to resume"
         else:
