@@ -119,33 +119,41 @@ def find_runs(root):
     return runs, notes
 
 
+def paper_settings(r):
+    """Whether a logged run has the paper's training settings: context 512, 256 sequences per step, constant
+    learning rate 1e-3 (not the exploratory runs)."""
+    return (r["max_seq_len"] == "512" and float(r["learning_rate"]) == 1e-3 and r["use_cosine_sched"] in ("False", "0")
+            and float(r["batch_size"]) * float(r["gradient_accumulation_steps"]) == 256)
+
+
+def paper_row(r):
+    """The Row of a logged run; the log uses the paper-era names (rca: ra; rca_type disentangled_v2: relational
+    attention, standard: RCA; sym_attn, pos_relative; trainable_symbols empty before the flag existed)."""
+    return Row.from_flags(dict(d_model=r["d_model"], n_layers=r["n_layers"], sa=r["sa"], ra=r["rca"],
+                               symbol_type=PAPER_SYMBOL_TYPES.get(r["symbol_type"], r["symbol_type"]),
+                               ra_type=PAPER_RA_TYPES.get(r["rca_type"], r["rca_type"]),
+                               symmetric_rels=int(r["symmetric_rels"] == "True"),
+                               trainable_symbols=int(r["trainable_symbols"] != "False")))
+
+
 def read_paper_logs(path):
-    """{Row: [Curve of each logged run]} of the authors' runs with the paper's training settings (context 512, 256
-    sequences per step, constant learning rate 1e-3); their names are the paper-era ones (rca, disentangled_v2...)."""
-    runs = {}
+    """{Row: [Curve of each logged run]} of the authors' runs with the paper's training settings (one CSV line per
+    evaluation of a run)."""
+    runs = {}  # name -> (row, [(step, tokens, val loss, val perplexity)])
     try:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
-                if not r["val/loss"] or not (r["max_seq_len"] == "512" and float(r["learning_rate"]) == 1e-3
-                                             and r["use_cosine_sched"] in ("False", "0")
-                                             and float(r["batch_size"]) * float(r["gradient_accumulation_steps"]) == 256):
-                    continue
-                flags = dict(d_model=r["d_model"], n_layers=r["n_layers"], sa=r["sa"], ra=r["rca"],
-                             symbol_type=PAPER_SYMBOL_TYPES.get(r["symbol_type"], r["symbol_type"]),
-                             ra_type=PAPER_RA_TYPES.get(r["rca_type"], r["rca_type"]),
-                             symmetric_rels=int(r["symmetric_rels"] == "True"),
-                             trainable_symbols=int(r["trainable_symbols"] != "False"))
-                run = runs.setdefault(r["name"], (Row.from_flags(flags), []))
-                run[1].append((int(float(r["iter"])), int(float(r["tokens"])), float(r["val/loss"]),
-                               float(r["val/perplexity"])))
+                if r["val/loss"] and paper_settings(r):
+                    points = runs.setdefault(r["name"], (paper_row(r), []))[1]
+                    points.append((float(r["iter"]), float(r["tokens"]), float(r["val/loss"]),
+                                   float(r["val/perplexity"])))
     except (OSError, KeyError, ValueError) as e:
         raise ReportError(f"--paper_logs {path}: not the authors' run_histories.csv ({type(e).__name__}: {e})") \
             from None
     by_row = {}
     for row, points in runs.values():
-        points.sort()
-        by_row.setdefault(row, []).append(Curve([p[1] for p in points], [p[2] for p in points],
-                                                [p[3] for p in points]))
+        _, tokens, loss, perplexity = zip(*sorted(points))
+        by_row.setdefault(row, []).append(Curve(list(tokens), list(loss), list(perplexity)))
     return by_row
 
 
@@ -269,7 +277,7 @@ def plot(path, title, panels):
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     fig.suptitle(f"Tiny Stories: {title}\nsolid: ours; dashed: the paper's logged runs", fontsize=10)
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 

@@ -37,8 +37,8 @@ RA, RCA = "relational_attention", "rca"
 
 PAPER_STEPS = 100_000
 SEQUENCES_PER_STEP = 256  # 128 sequences x 2 accumulation steps of 512 tokens: 131,072 tokens per step
-# the paper's training settings (the authors' logs); always_save_checkpoint: a resume loses at most one eval interval
-# (batch 128 x 2 accumulation steps: batch_flags)
+# the paper's training settings (the authors' logs; the batch: batch_flags), and a checkpoint at every evaluation so
+# that a resume repeats at most one evaluation interval
 PAPER_SETTINGS = dict(arch="paper", pos_enc_type="RoPE", max_seq_len=512, learning_rate=1e-3, use_cosine_sched=0,
                       dropout_rate=0.1, eval_interval=2000, eval_iters=100, always_save_checkpoint=1)
 # flags each row sets (or the sweep itself): they cannot be passed through after `--`
@@ -47,7 +47,7 @@ ROW_FLAGS = {"arch", "sa", "ra", "symbol_type", "ra_type", "symmetric_rels", "tr
 SWEEP_FLAGS = {"out_dir", "init_from", "ckpt_path", "max_iters"}
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Row:
     """One model configuration of the grid: the flags that differ between the paper's runs."""
     d_model: int
@@ -455,7 +455,7 @@ exit $code
 """
 
 
-def slurm_script(args, rows, extra):
+def slurm_script(args, rows, extra, path):
     """One sbatch job-array script: task i trains rows[i] in out_dir/<row>, from its checkpoint if there is one. A
     requeued task (preemption, or its own requeue when the time limit is near) resumes."""
     out_dir = os.path.abspath(args.out_dir)
@@ -465,7 +465,7 @@ def slurm_script(args, rows, extra):
     header = [
         "#!/bin/bash",
         f"# sweep.py {args.grid}: {len(rows)} runs of train.py, one per array task. Submit with",
-        f"#   sbatch [--partition P] [--time T] [--account A] {shlex.quote(os.path.join(out_dir, args.grid + '.sbatch'))}",
+        f"#   sbatch [--partition P] [--time T] [--account A] {shlex.quote(os.path.abspath(path))}",
         "# A task requeued (by preemption, or by itself before its time limit) resumes from its checkpoint.",
         f"#SBATCH --job-name=dat-{args.grid}",
         f"#SBATCH --array=0-{len(rows) - 1}",
@@ -548,7 +548,7 @@ def main(argv=None):
         path = os.path.join(args.out_dir, f"{args.grid}.sbatch")
         os.makedirs(args.out_dir, exist_ok=True)
         with open(path, "w") as f:
-            f.write(slurm_script(args, rows, extra))
+            f.write(slurm_script(args, rows, extra, path))
         print(f"wrote {path}: {len(rows)} array tasks; submit it with: sbatch {shlex.quote(path)}")
         return 0
     if args.dry_run:
