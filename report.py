@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 import torch  # noqa: E402
 
-from model import PAPER_RA_TYPES, PAPER_SYMBOL_TYPES  # noqa: E402
+from reference import PAPER_RA_TYPES, PAPER_SYMBOL_TYPES  # noqa: E402
 from sweep import ABLATION_ROWS, PAPER_DAT, PAPER_ROWS, RA, RCA, RELATIVE, SYMBOLIC, Row, parse_record  # noqa: E402
 
 SUMMARY_COLUMNS = ["run", "kind", "d_model", "n_layers", "sa", "ra", "symbol_type", "symmetric_rels", "ra_type",

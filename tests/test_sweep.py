@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import model as M
+import reference as R
 import sweep
 import tiny_stories_data as D
 import train
@@ -150,9 +151,9 @@ def dry_run(capsys, *argv):
 
 def n_params(flags):
     """Parameters of the model train.py builds for these flags (on the meta device: nothing is allocated)."""
-    args, kind, model_args = train.parse_args(flags)
+    _, config = train.parse_args(flags)
     with torch.device("meta"):
-        return M.from_reference(kind, model_args, arch=args.arch).num_params()
+        return M.build_model(config).num_params()
 
 
 def logged_n_params():
@@ -163,8 +164,8 @@ def logged_n_params():
             if r["max_seq_len"] == "512" and float(r["learning_rate"]) == 1e-3 and int(r["d_model"]) <= 128:
                 row = sweep.Row.from_flags(dict(
                     d_model=r["d_model"], n_layers=r["n_layers"], sa=r["sa"], ra=r["rca"],
-                    symbol_type=M.PAPER_SYMBOL_TYPES.get(r["symbol_type"], r["symbol_type"]),
-                    ra_type=M.PAPER_RA_TYPES.get(r["rca_type"], r["rca_type"]),
+                    symbol_type=R.PAPER_SYMBOL_TYPES.get(r["symbol_type"], r["symbol_type"]),
+                    ra_type=R.PAPER_RA_TYPES.get(r["rca_type"], r["rca_type"]),
                     symmetric_rels=int(r["symmetric_rels"] == "True"),
                     trainable_symbols=int(r["trainable_symbols"] != "False")))
                 counts.setdefault(row, set()).add(int(r["n_params"]))
@@ -177,7 +178,7 @@ def test_dry_run_is_the_papers_table_with_its_settings_and_parameter_counts(caps
     rows = []
     for argv, expected in zip(commands, TABLE):
         assert argv[:2] == ["python", "train.py"]
-        args, _, _ = train.parse_args(argv[2:])
+        args, _ = train.parse_args(argv[2:])
         row = sweep.Row.from_flags(vars(args))
         assert (row.d_model, row.n_layers, *row.columns) == expected[:5]
         assert n_params(argv[2:]) == expected[5]
@@ -209,7 +210,7 @@ def test_options_shape_the_commands(capsys):
                    "--", "--compile", "1", "--data_dir", "D")
     assert len(argv) == 2 and all(a[:6] == ["python", "-m", "torch.distributed.run", "--standalone",
                                             "--nproc_per_node=4", "train.py"] for a in argv)
-    args, _, _ = train.parse_args(argv[0][6:])
+    args, _ = train.parse_args(argv[0][6:])
     assert (args.d_model, args.n_layers, args.sa, args.ra, args.max_iters, args.compile, args.data_dir) == \
         (128, 6, 4, 4, 300, 1, "D")
     assert args.batch_size * args.gradient_accumulation_steps == 256 and args.gradient_accumulation_steps % 4 == 0
