@@ -85,13 +85,22 @@ PLAIN_FORWARDS = {
 }
 
 
+def without_cache(plain):
+    """The plain forward in the modules' signature; it has no generation cache."""
+    def forward(module, x, symbols, rope=None, cache=None):
+        if cache is not None:
+            raise NotImplementedError("the plain formulation has no generation cache")
+        return plain(module, x, symbols, rope)
+    return forward
+
+
 @contextlib.contextmanager
 def use_plain_attention():
     """Within the block, every relational module computes with its plain formulation."""
     saved = {cls: cls.forward for cls in PLAIN_FORWARDS}
     try:
         for cls, plain in PLAIN_FORWARDS.items():
-            cls.forward = plain
+            cls.forward = without_cache(plain)
         yield
     finally:
         for cls, forward in saved.items():
