@@ -580,7 +580,7 @@ class CachedDecoder:
             return logits
         self.cache.pos.fill_(self.length)
         self.length += 1
-        token = idx[:, -1:]
+        token = idx[:, -1:].contiguous()  # (B, 1), strides (1, 1) at every step
         if not self.cuda_graph:
             return self.step(token, self.cache)
         if self.graph is None:
