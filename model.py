@@ -529,8 +529,8 @@ MODEL_KINDS = {"TransformerLM": TransformerLM, "DualAttnTransformerLM": DualAttn
 # generation
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """Next tokens (B, 1) from last-position logits (B, V): the argmax for temperature 0; otherwise a draw from
-    softmax(logits / temperature), restricted to the top_k most likely tokens, then to the nucleus: the most likely
+    """Next tokens (B, 1) from last-position logits (B, V): the argmax for temperature 0; otherwise a draw (`draw`)
+    from softmax(logits / temperature), restricted to the top_k most likely tokens, then to the nucleus: the most likely
     tokens whose probabilities, summed in decreasing order, first reach top_p (at least one token)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
@@ -544,7 +544,16 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
         above = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked before each
         ranked = ranked.masked_fill(above >= top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ranked)
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+    return draw(logits.softmax(dim=-1))
+
+
+def draw(probs):
+    """One token per row of probs (B, V), by the inverse of the cumulative distribution: the first token whose
+    cumulative probability exceeds u ~ U[0, 1) times the total (one random number per row, where
+    torch.multinomial draws V; zero-probability tokens are never drawn)."""
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.size(0), 1, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1)
 
 
 class CachedDecoder:
