@@ -257,7 +257,7 @@ class RelationalAttention(nn.Module):
         if cache is not None and cache.decoding:
             alpha = cache.probs(q, k, self.head_dim ** -0.5)  # (B, n, 1, S)
             attended_symbols = attend_symbols(alpha, sv, n, self.max_rel_pos, cache.pos)
-            attended_keys = alpha @ k_rel_heads  # (B, n, 1, n_r*d_r)
+            attended_keys = (alpha.squeeze(2) @ k_rel).unsqueeze(2)  # (B, n, S) @ (B, S, n_r*d_r): (B, n, 1, n_r*d_r)
         elif self.max_rel_pos is None:
             values = torch.cat((split_heads(sv, n), k_rel_heads), dim=-1)  # (B, n, T, h + n_r*d_r)
             out = causal_attention(q, k, values, p)

@@ -279,11 +279,11 @@ class SymbolicAttention(nn.Module):
 
     def forward(self, x):
         B, T, d = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, n, T, d/n)
-        keys = self.template_features.view(-1, self.n_heads, d // self.n_heads).transpose(0, 1)  # (n, n_s, d/n)
-        values = self.symbol_library.view(-1, self.n_heads, d // self.n_heads).transpose(0, 1)
-        keys, values = (t.to(q.dtype).expand(B, -1, -1, -1) for t in (keys, values))
-        symbols = F.scaled_dot_product_attention(q, keys, values)  # (B, n, T, d/n)
+        # every position of the batch queries the same library: one sequence of B*T queries (never B copies of it)
+        q = self.q_proj(x).view(1, B * T, self.n_heads, -1).transpose(1, 2)  # (1, n, B*T, d/n)
+        keys = self.template_features.view(1, -1, self.n_heads, d // self.n_heads).transpose(1, 2)  # (1, n, n_s, d/n)
+        values = self.symbol_library.view(1, -1, self.n_heads, d // self.n_heads).transpose(1, 2)
+        symbols = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype))  # (1, n, B*T, d/n)
         return symbols.transpose(1, 2).reshape(B, T, d)
 
 

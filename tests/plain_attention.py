@@ -37,6 +37,11 @@ def symbol_values(module, symbols, T):
     return module.wv(gathered).unflatten(-1, (n, -1))  # (T, T, n, h)
 
 
+def refuse_cache(cache):
+    if cache is not None:
+        raise NotImplementedError("the plain formulation has no generation cache")
+
+
 def attend_pairs(weights, sv):
     """sum_j w[b, n, i, j] sv[(b,) i, j, n, h] -> (B, n, T, h)."""
     if sv.dim() == 5:
@@ -44,8 +49,9 @@ def attend_pairs(weights, sv):
     return torch.einsum("bnij,ijnh->bnih", weights, sv)
 
 
-def plain_relational_attention(module, x, symbols, rope=None):
+def plain_relational_attention(module, x, symbols, rope=None, cache=None):
     """a_i^g = sum_j alpha^g_ij (sv^g_j + W_r[g] r_ij), r_ij[l] = <x_i Wq_l, x_j Wk_l> / sqrt(d_r)."""
+    refuse_cache(cache)
     B, T, _ = x.shape
     n, n_r = module.n_heads, module.n_relations
     q = apply_rope(split_heads(module.wq_attn(x), n), rope)
@@ -59,8 +65,9 @@ def plain_relational_attention(module, x, symbols, rope=None):
     return module.wo(merge_heads(out))
 
 
-def plain_relational_cross_attention(module, x, symbols, rope=None):
+def plain_relational_cross_attention(module, x, symbols, rope=None, cache=None):
     """a_i^g = sum_j softmax_j(q_i . k_j / sqrt(h)) sv^g_j."""
+    refuse_cache(cache)
     n = module.n_heads
     q = apply_rope(split_heads(module.wq(x), n), rope)
     k = apply_rope(split_heads(module.wk(x), n), rope)
@@ -68,8 +75,9 @@ def plain_relational_cross_attention(module, x, symbols, rope=None):
     return module.wo(merge_heads(attend_pairs(alpha, symbol_values(module, symbols, x.size(1)))))
 
 
-def plain_disentangled_rca(module, x, symbols, rope=None):
+def plain_disentangled_rca(module, x, symbols, rope=None, cache=None):
     """a_i^g = sum_j alpha^g_ij rho^g_ij sv^g_j, rho^g_ij = q^rel_i . k^rel_j / sqrt(h) (unmasked)."""
+    refuse_cache(cache)
     n, scale = module.n_heads, module.head_dim ** -0.5
     q = apply_rope(split_heads(module.wq_attn(x), n), rope)
     k = apply_rope(split_heads(module.wk_attn(x), n), rope)
@@ -85,22 +93,13 @@ PLAIN_FORWARDS = {
 }
 
 
-def without_cache(plain):
-    """The plain forward in the modules' signature; it has no generation cache."""
-    def forward(module, x, symbols, rope=None, cache=None):
-        if cache is not None:
-            raise NotImplementedError("the plain formulation has no generation cache")
-        return plain(module, x, symbols, rope)
-    return forward
-
-
 @contextlib.contextmanager
 def use_plain_attention():
     """Within the block, every relational module computes with its plain formulation."""
     saved = {cls: cls.forward for cls in PLAIN_FORWARDS}
     try:
         for cls, plain in PLAIN_FORWARDS.items():
-            cls.forward = without_cache(plain)
+            cls.forward = plain
         yield
     finally:
         for cls, forward in saved.items():
