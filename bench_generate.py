@@ -3,14 +3,14 @@ Generation speed: new tokens/s with the KV cache against without it (model.gener
 (4 + 4 heads, relational attention, symbolic attention) and the d=64, L=4 Transformer (8 heads), block 512,
 Llama 2's 32k vocabulary, random weights (the initialisation of train.py: the speed does not depend on the values).
 
-    python bench_generate.py                      # CUDA if present (bfloat16 autocast), else the CPU (float32)
+    python bench_generate.py --compile_batches 1  # CUDA if present (bfloat16 autocast), else the CPU (float32)
     python bench_generate.py --device cpu --threads 1 --batch_sizes 1,64 --new_tokens 512
 
 Each sequence starts from one token (BOS) and gets --new_tokens new ones (512 fill the block exactly). Modes:
   no cache       the context (cropped to the block) runs again for every token; logits of the last position only
   cache          KV cache, eager one-token steps
   cache+graph    (CUDA) the one-token step captured once as a CUDA graph and replayed
-  cache+compile  (CUDA, --compile 1) torch.compile of the step (static shapes), then captured as a CUDA graph
+  cache+compile  (CUDA, batch sizes in --compile_batches) torch.compile of the step, then captured as a CUDA graph
 Each mode first generates 8 tokens untimed (warm-up: CUDA kernels, compilation), then is timed over --repeats runs
 (the best is kept); the graph capture is part of every timed run, compilation is not.
 """
@@ -67,7 +67,8 @@ def main():
     p.add_argument("--new_tokens", default=512, type=int)
     p.add_argument("--repeats", default=1, type=int, help="timed runs per mode (the best is reported)")
     p.add_argument("--threads", default=0, type=int, help="CPU threads (0: torch's default)")
-    p.add_argument("--compile", default=0, type=int, choices=[0, 1], help="1: also the cache+compile mode (CUDA)")
+    p.add_argument("--compile_batches", default="",
+                   help="batch sizes that also run cache+compile (CUDA; each compiles once, ~tens of seconds)")
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -76,7 +77,7 @@ def main():
         torch.set_num_threads(args.threads)
     if cuda:
         torch.set_float32_matmul_precision("high")
-    modes = ["no cache", "cache"] + (["cache+graph"] + (["cache+compile"] if args.compile else []) if cuda else [])
+    compile_batches = {int(b) for b in args.compile_batches.split(",") if b}
     dtype = "bfloat16" if cuda else "float32"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
@@ -86,7 +87,8 @@ def main():
         model = build(model_name, device)
         for batch in map(int, args.batch_sizes.split(",")):
             baseline = None
-            for mode in modes:
+            modes = ["no cache", "cache"] + (["cache+graph"] if cuda else [])
+            for mode in modes + (["cache+compile"] if cuda and batch in compile_batches else []):
                 seconds = time_generation(model, batch, args.new_tokens, mode, device, autocast, args.repeats)
                 tokens_per_s = batch * args.new_tokens / seconds
                 baseline = baseline or tokens_per_s

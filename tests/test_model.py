@@ -196,19 +196,26 @@ def test_compiled_decoding_step_equals_uncached():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("overrides", [dict(), dict(ra=0, sa=4), dict(symbol_type="position_relative")])
-def test_cuda_graph_decoding_equals_uncached(overrides):
+@pytest.mark.parametrize("overrides,compile", [(dict(), False), (dict(ra=0, sa=4), False),
+                                               (dict(symbol_type="position_relative", pos_enc_type="pos_emb"), False),
+                                               (dict(), True)])
+def test_cuda_graph_decoding_equals_uncached(overrides, compile):
     torch.manual_seed(0)
     model = build(small_flags(**overrides)).cuda()
     prompt = torch.randint(0, 50, (3, 4), device="cuda")
+    fast = dict(cuda_graph=True, compile=compile)
     expected = model.generate(prompt, 24, temperature=0, use_cache=False)
-    assert torch.equal(model.generate(prompt, 24, temperature=0, cuda_graph=True), expected)
+    assert torch.equal(model.generate(prompt, 24, temperature=0, **fast), expected)
     torch.manual_seed(1)
     expected = model.generate(prompt, 24, use_cache=False)
     torch.manual_seed(1)
-    assert torch.equal(model.generate(prompt, 24, cuda_graph=True), expected)
+    assert torch.equal(model.generate(prompt, 24, **fast), expected)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        assert model.generate(prompt, 24, temperature=0, cuda_graph=True).shape == (3, 28)
+        decoder = M.CachedDecoder(model, **fast)
+        with torch.no_grad():
+            for t in range(4, 16):
+                torch.testing.assert_close(decoder(expected[:, :t]).float(),
+                                           model.last_logits(expected[:, :t]).float(), rtol=0.05, atol=0.05)
 
 
 def draws(logits, n=2000, **sampling):
