@@ -98,15 +98,21 @@ def skew_causal(w):
     return gathered.masked_fill(j < 0, 0.0)
 
 
-def attend_symbols(w, sv, n_heads, max_rel_pos):
+def attend_symbols(w, sv, n_heads, max_rel_pos, pos=None):
     """sum_j w_ij sv_j (per-position symbols) or sum_j w_ij sv_ij (relative symbols): (B, n, T, h).
 
     w: causal weights (B, n, T, T); sv: projected symbols (B, T, n*h), or the projected relative
-    table (2M+1, n*h) when max_rel_pos is given."""
+    table (2M+1, n*h) when max_rel_pos is given. Decoding (pos, a (1,) tensor): w (B, n, 1, S) holds one
+    receiver at position pos over the S cache slots (zero after pos), whose relative rows are E[clip(j - pos)]."""
     if max_rel_pos is None:
         return w @ split_heads(sv, n_heads)
-    rows = table_heads(relative_offset_table(sv, w.size(-1), max_rel_pos), n_heads)  # (n, T, h)
-    return skew_causal(w) @ rows
+    if pos is None:
+        rows = relative_offset_table(sv, w.size(-1), max_rel_pos)  # (T, n*h)
+        w = skew_causal(w)
+    else:
+        offsets = torch.arange(w.size(-1), device=w.device) - pos
+        rows = sv[offsets.clamp(-max_rel_pos, max_rel_pos) + max_rel_pos]  # (S, n*h)
+    return w @ rows.unflatten(-1, (n_heads, -1)).transpose(0, 1)  # rows (n, T or S, h)
 
 
 def causal_attention(q, k, v, dropout_p):
@@ -123,6 +129,17 @@ def causal_attention(q, k, v, dropout_p):
 SDPA_MAX_VALUE_WIDTH = 192
 
 
+def symbol_values(module, symbols, cache=None):
+    """sv = W_v(symbols): per position (B, T, n*h), which a decoding cache extends to all its slots (B, S, n*h);
+    or the projected relative table (2M+1, n*h), which a cache computes once."""
+    if module.max_rel_pos is None:
+        sv = module.wv(symbols)
+        return sv if cache is None else cache.update(module, "sv", sv)
+    if cache is None:
+        return module.wv(symbols)
+    return cache.constant(module, "sv", lambda: module.wv(symbols))
+
+
 def setup_heads(module, config, n_heads):
     """The head count and width, dropout rate and symbol form (max_rel_pos None: per-position symbols) every
     attention module keeps; returns the width of its heads together, n_heads * h."""
@@ -135,6 +152,52 @@ def setup_heads(module, config, n_heads):
 def linear_flops(module):
     """Forward FLOPs per token of the nn.Linear maps inside module (2 per weight; a shared map counted once)."""
     return sum(2 * m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+# -----------------------------------------------------------------------------
+# the generation cache
+
+class KVCache:
+    """What generation keeps of the positions it has seen (a batch of sequences, block_size slots): per attention
+    module, its keys, relation keys and per-position symbol values, each a tensor with the time on dim -2 held in a
+    buffer of block_size slots; and what is computed once (the projected relative-symbol table).
+
+    Prefill (decoding False): the T prompt tokens at positions 0..T-1 fill slots 0..T-1 and the modules run their
+    ordinary causal path. Decoding: one token at position `pos` fills slot pos, and its query attends over all
+    block_size slots with those after pos masked out (`valid`). Shapes do not change from token to token and `pos`
+    is a (1,) tensor changed in place, so a decoding step can be captured as a CUDA graph and replayed."""
+
+    def __init__(self, block_size, device):
+        self.block_size = block_size
+        self.slots = torch.arange(block_size, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.decoding = False
+        self.valid = None  # (1, S) bool: slots <= pos, set by the model at each decoding step
+        self.buffers, self.constants = {}, {}
+
+    def update(self, module, name, new):
+        """Store `new` (..., T, C) of the new positions; return it (prefill) or the whole buffer (..., S, C)."""
+        key = (module, name)
+        if self.decoding:
+            buffer = self.buffers[key]
+            return buffer.index_copy_(buffer.dim() - 2, self.pos, new)
+        shape = (*new.shape[:-2], self.block_size, new.size(-1))
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.shape != shape or buffer.dtype != new.dtype:
+            buffer = self.buffers[key] = new.new_zeros(shape)
+        buffer.narrow(-2, 0, new.size(-2)).copy_(new)  # in place: a captured graph keeps reading this buffer
+        return new
+
+    def constant(self, module, name, compute):
+        key = (module, name)
+        if key not in self.constants:
+            self.constants[key] = compute()
+        return self.constants[key]
+
+    def probs(self, q, k, scale):
+        """Decoding: softmax(q k^T * scale) of the one query (B, n, 1, h) over the valid slots: (B, n, 1, S)."""
+        scores = (q @ k.transpose(-2, -1)) * scale
+        return scores.masked_fill(~self.valid, float("-inf")).softmax(dim=-1)
 
 
 # -----------------------------------------------------------------------------
@@ -154,12 +217,17 @@ class Attention(nn.Module):
         self.wo = nn.Linear(width, width, bias=bias)
         self.resid_dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rope=None, cache=None):
         q = apply_rope(split_heads(self.wq(x), self.n_heads), rope)  # (B, n, T, h)
         k = apply_rope(split_heads(self.wk(x), self.n_heads), rope)
         v = split_heads(self.wv(x), self.n_heads)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        if cache is not None:
+            k, v = cache.update(self, "k", k), cache.update(self, "v", v)  # decoding: (B, n, S, h)
+        if cache is not None and cache.decoding:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.valid)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                 dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.wo(merge_heads(out)))
 
     def forward_flops(self, T):
@@ -177,10 +245,12 @@ class RelationalHeads(nn.Module):
 
     plain = False
 
-    def forward(self, x, symbols, rope=None):
+    def forward(self, x, symbols, rope=None, cache=None):
         if self.plain:
+            if cache is not None:
+                raise ValueError("the plain formulation has no KV cache: generate with use_cache=False")
             return self.plain_forward(x, symbols, rope)[0]
-        return self.fast_forward(x, symbols, rope)
+        return self.fast_forward(x, symbols, rope, cache)
 
     def drop_weights(self, w):
         return F.dropout(w, self.dropout, self.training)
@@ -245,17 +315,23 @@ class RelationalAttention(RelationalHeads):
         self.wo = nn.Linear(width, width, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout_rate)
 
-    def fast_forward(self, x, symbols, rope=None):
+    def fast_forward(self, x, symbols, rope=None, cache=None):
         B, T, _ = x.shape
         n, n_r, d_r = self.n_heads, self.n_relations, self.rel_dim
         q = apply_rope(split_heads(self.wq_attn(x), n), rope)  # (B, n, T, h)
         k = apply_rope(split_heads(self.wk_attn(x), n), rope)
         q_rel = self.wq_rel(x)  # (B, T, n_r*d_r)
         k_rel = q_rel if self.symmetric_rels else self.wk_rel(x)
-        sv = self.wv(symbols)  # (B, T, n*h) or relative table (2M+1, n*h)
-        k_rel_heads = k_rel.unsqueeze(1).expand(B, n, T, n_r * d_r)
+        sv = symbol_values(self, symbols, cache)  # (B, T, n*h) or relative table (2M+1, n*h)
+        if cache is not None:
+            k, k_rel = cache.update(self, "k", k), cache.update(self, "k_rel", k_rel)  # decoding: S slots
+        k_rel_heads = k_rel.unsqueeze(1).expand(B, n, -1, n_r * d_r)
         p = self.dropout if self.training else 0.0
-        if self.max_rel_pos is None:
+        if cache is not None and cache.decoding:
+            alpha = cache.probs(q, k, self.head_dim ** -0.5)  # (B, n, 1, S)
+            attended_symbols = attend_symbols(alpha, sv, n, self.max_rel_pos, cache.pos)
+            attended_keys = (alpha.squeeze(2) @ k_rel).unsqueeze(2)  # (B, n, S) @ (B, S, n_r*d_r): (B, n, 1, n_r*d_r)
+        elif self.max_rel_pos is None:
             values = torch.cat((split_heads(sv, n), k_rel_heads), dim=-1)  # (B, n, T, h + n_r*d_r)
             out = causal_attention(q, k, values, p)
             attended_symbols, attended_keys = out.split((self.head_dim, n_r * d_r), dim=-1)
@@ -308,13 +384,17 @@ class RelationalCrossAttention(RelationalHeads):
         self.wo = nn.Linear(width, width, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout_rate)
 
-    def fast_forward(self, x, symbols, rope=None):
+    def fast_forward(self, x, symbols, rope=None, cache=None):
         n = self.n_heads
         q = apply_rope(split_heads(self.wq(x), n), rope)  # (B, n, T, h)
         k = apply_rope(split_heads(self.wk(x), n), rope)
-        sv = self.wv(symbols)
+        sv = symbol_values(self, symbols, cache)
+        if cache is not None:
+            k = cache.update(self, "k", k)
         p = self.dropout if self.training else 0.0
-        if self.max_rel_pos is None:
+        if cache is not None and cache.decoding:
+            out = attend_symbols(cache.probs(q, k, self.head_dim ** -0.5), sv, n, self.max_rel_pos, cache.pos)
+        elif self.max_rel_pos is None:
             out = causal_attention(q, k, split_heads(sv, n), p)
         elif relative_kernel_applies(x):
             _, out = kernels.relative_position_attention(q, k, None, table_heads(sv, n), self.max_rel_pos, p)
@@ -362,14 +442,19 @@ class DisentangledRelationalCrossAttention(RelationalHeads):
         self.wo = nn.Linear(width, width, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout_rate)
 
-    def fast_forward(self, x, symbols, rope=None):
+    def fast_forward(self, x, symbols, rope=None, cache=None):
         n, h = self.n_heads, self.head_dim
         q = apply_rope(split_heads(self.wq_attn(x), n), rope)  # (B, n, T, h)
         k = apply_rope(split_heads(self.wk_attn(x), n), rope)
         q_rel, k_rel = split_heads(self.wq_rel(x), n), split_heads(self.wk_rel(x), n)
-        sv = self.wv(symbols)
+        sv = symbol_values(self, symbols, cache)
+        if cache is not None:
+            k, k_rel = cache.update(self, "k", k), cache.update(self, "k_rel", k_rel)  # decoding: (B, n, S, h)
         p = self.dropout if self.training else 0.0
-        if self.max_rel_pos is None and h * h <= self.OUTER_MAX:
+        if cache is not None and cache.decoding:
+            w = cache.probs(q, k, h ** -0.5) * (q_rel @ k_rel.transpose(-2, -1)) * h ** -0.5  # (B, n, 1, S)
+            out = attend_symbols(w, sv, n, self.max_rel_pos, cache.pos)
+        elif self.max_rel_pos is None and h * h <= self.OUTER_MAX:
             outer = (k_rel.unsqueeze(-1) * split_heads(sv, n).unsqueeze(-2)).flatten(-2)  # (B, n, T, h*h)
             attended = causal_attention(q, k, outer, p).unflatten(-1, (h, h))  # (B, n, T, h, h)
             out = (q_rel.unsqueeze(-1) * attended).sum(-2) * h ** -0.5
@@ -411,11 +496,11 @@ class DualAttention(nn.Module):
         self.self_attention = Attention(config, config.sa) if config.sa > 0 else None
         self.relational_attention = RELATIONAL_ATTENTION[config.ra_type](config)
 
-    def forward(self, x, symbols, rope=None):
-        relational = self.relational_attention(x, symbols, rope)
+    def forward(self, x, symbols, rope=None, cache=None):
+        relational = self.relational_attention(x, symbols, rope, cache)
         if self.self_attention is None:
             return relational
-        return torch.cat((self.self_attention(x, rope), relational), dim=-1)
+        return torch.cat((self.self_attention(x, rope, cache), relational), dim=-1)
 
     def forward_flops(self, T):
         sensory = 0 if self.self_attention is None else self.self_attention.forward_flops(T)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention import (RELATIONAL_ATTENTION, Attention, DualAttention, RelationalAttention, RelationalHeads,
+from attention import (RELATIONAL_ATTENTION, Attention, DualAttention, KVCache, RelationalAttention, RelationalHeads,
                        linear_flops, rope_tables)
 from kernels import linear_cross_entropy, linear_cross_entropy_reference
 
@@ -254,15 +254,15 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(config.d_model)
         self.ff_block = FeedForward(config, config.ff_bias)
 
-    def mix(self, x, symbols, rope):
+    def mix(self, x, symbols, rope, cache):
         mixer = getattr(self, self.mixer)
-        return mixer(x, rope) if symbols is None else mixer(x, symbols, rope)
+        return mixer(x, rope, cache) if symbols is None else mixer(x, symbols, rope, cache)
 
-    def forward(self, x, symbols=None, rope=None):
+    def forward(self, x, symbols=None, rope=None, cache=None):
         if self.norm_first:
-            x = x + self.dropout(self.mix(self.norm1(x), symbols, rope))
+            x = x + self.dropout(self.mix(self.norm1(x), symbols, rope, cache))
             return x + self.dropout(self.ff_block(self.norm2(x)))
-        x = self.norm1(x + self.dropout(self.mix(x, symbols, rope)))
+        x = self.norm1(x + self.dropout(self.mix(x, symbols, rope, cache)))
         x = self.dropout(x)
         return self.norm2(x + self.dropout(self.ff_block(x)))
 
@@ -290,11 +290,11 @@ class SymbolicAttention(nn.Module):
 
     def forward(self, x):
         B, T, d = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, n, T, d/n)
-        keys = self.template_features.view(-1, self.n_heads, d // self.n_heads).transpose(0, 1)  # (n, n_s, d/n)
-        values = self.symbol_library.view(-1, self.n_heads, d // self.n_heads).transpose(0, 1)
-        keys, values = (t.to(q.dtype).expand(B, -1, -1, -1) for t in (keys, values))
-        symbols = F.scaled_dot_product_attention(q, keys, values)  # (B, n, T, d/n)
+        # every position of the batch queries the same library: one sequence of B*T queries (never B copies of it)
+        q = self.q_proj(x).view(1, B * T, self.n_heads, -1).transpose(1, 2)  # (1, n, B*T, d/n)
+        keys = self.template_features.view(1, -1, self.n_heads, d // self.n_heads).transpose(1, 2)  # (1, n, n_s, d/n)
+        values = self.symbol_library.view(1, -1, self.n_heads, d // self.n_heads).transpose(1, 2)
+        symbols = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype))  # (1, n, B*T, d/n)
         return symbols.transpose(1, 2).reshape(B, T, d)
 
     def forward_flops(self, T):
@@ -395,19 +395,24 @@ class LanguageModel(nn.Module):
         """The symbols of a layer (None for the Transformer)."""
         return None
 
-    def hidden_states(self, idx):
-        """Final hidden states (B, T, d) before the output layer."""
+    def hidden_states(self, idx, cache=None):
+        """Final hidden states (B, T, d) before the output layer. With a cache (generation): idx is the prompt,
+        at positions 0..T-1 (prefill), or one new token at position cache.pos (decoding)."""
         B, T = idx.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds the block size {self.config.max_seq_len}")
+        decoding = cache is not None and cache.decoding
+        if decoding:
+            cache.valid = (cache.slots <= cache.pos).view(1, -1)  # (1, S): the slots up to this token's
         x = self.layers.token_embedder(idx)
         rope = None
         if self.config.pos_enc_type == "pos_emb":
-            x = x + self.layers.positional_embedder(torch.arange(T, device=idx.device))
+            x = x + self.layers.positional_embedder(cache.pos if decoding else torch.arange(T, device=idx.device))
         else:
-            rope = (self.freqs_cos[:T], self.freqs_sin[:T])
+            positions = cache.pos if decoding else slice(0, T)
+            rope = (self.freqs_cos[positions], self.freqs_sin[positions])
         for layer, block in enumerate(self.layers.blocks):
-            x = block(x, self.symbols(layer, x), rope)
+            x = block(x, self.symbols(layer, x), rope, cache)
         if self.config.rules.final_norm:
             x = self.layers.norm(x)
         return x
@@ -427,23 +432,25 @@ class LanguageModel(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss
 
+    def last_logits(self, idx, cache=None):
+        """Logits (B, V) of the last position of idx (B, T): the hidden states of every position, the output layer
+        on the last one only."""
+        return self.layers.final_out(self.hidden_states(idx, cache)[:, -1])
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample max_new_tokens tokens after idx (B, T), cropping the context to the block size, in eval mode.
-        temperature 0 is greedy decoding: the most likely token each time (top_k is then moot)."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                 cuda_graph=False, compile=False):
+        """Append max_new_tokens tokens to idx (B, T), each drawn by sample_next from the logits of the context
+        cropped to its last block_size tokens, in eval mode. use_cache: the same logits from a KV cache
+        (CachedDecoder; cuda_graph and compile speed up its one-token step on CUDA)."""
         was_training = self.training
         self.eval()
+        if use_cache:
+            next_logits = CachedDecoder(self, cuda_graph=cuda_graph, compile=compile)
+        else:
+            next_logits = lambda context: self.last_logits(context[:, -self.config.max_seq_len:])  # noqa: E731
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.max_seq_len:])
-            logits = logits[:, -1, :]
-            if temperature == 0:
-                idx = torch.cat((idx, logits.argmax(dim=-1, keepdim=True)), dim=1)
-                continue
-            logits = logits / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            idx_next = torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+            idx_next = sample_next(next_logits(idx), temperature, top_k, top_p)
             idx = torch.cat((idx, idx_next), dim=1)
         self.train(was_training)
         return idx
@@ -517,6 +524,99 @@ class DualAttnTransformerLM(LanguageModel):
 
 
 MODEL_KINDS = {"TransformerLM": TransformerLM, "DualAttnTransformerLM": DualAttnTransformerLM}
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """Next tokens (B, 1) from last-position logits (B, V): the argmax for temperature 0; otherwise a draw (`draw`)
+    from softmax(logits / temperature), restricted to the top_k most likely tokens, then to the nucleus: the most likely
+    tokens whose probabilities, summed in decreasing order, first reach top_p (at least one token)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ranked, order = logits.sort(dim=-1, descending=True)
+        probs = ranked.softmax(dim=-1)
+        above = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked before each
+        ranked = ranked.masked_fill(above >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ranked)
+    return draw(logits.softmax(dim=-1))
+
+
+def draw(probs):
+    """One token per row of probs (B, V), by the inverse of the cumulative distribution: the first token whose
+    cumulative probability exceeds u ~ U[0, 1) times the total (one random number per row, where
+    torch.multinomial draws V; zero-probability tokens are never drawn)."""
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.size(0), 1, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1)
+
+
+class CachedDecoder:
+    """Next-token logits for a growing batch of sequences (called with idx (B, T), then (B, T + 1), ...), equal to
+    model.last_logits(idx[:, -block_size:]) but computing each position once (KVCache):
+
+    - the first call prefills the cache with the context (at most its last block_size tokens);
+    - each later call runs only the new token, at its position, against the cache;
+    - once the sequence is longer than the block, the cropped context loses its first token at every step: every
+      position moves (RoPE or learned positions), sees another context and retrieves other symbols, so nothing
+      cached stays valid, and each step prefills the cache again from the window (the cost of the uncached step).
+
+    cuda_graph (CUDA): capture the one-token step once as a CUDA graph and replay it (kernel launches dominate at
+    small batch); compile: torch.compile the step (static shapes, so it compiles once)."""
+
+    def __init__(self, model, cuda_graph=False, compile=False):
+        self.model = model
+        self.cache = None
+        self.length = 0  # positions in the cache
+        self.step = torch.compile(model.last_logits, fullgraph=True, dynamic=False) if compile else model.last_logits
+        self.cuda_graph = cuda_graph
+        self.graph = self.graph_token = self.graph_logits = None
+
+    def __call__(self, idx):
+        block_size = self.model.config.max_seq_len
+        if self.cache is None:
+            self.cache = KVCache(block_size, idx.device)
+        if self.length == 0 or idx.size(1) != self.length + 1 or idx.size(1) > block_size:
+            window = idx[:, -block_size:]
+            self.cache.decoding = False
+            logits = self.model.last_logits(window, self.cache)
+            self.cache.decoding, self.length = True, window.size(1)
+            return logits
+        self.cache.pos.fill_(self.length)
+        self.length += 1
+        token = idx[:, -1:].contiguous()  # (B, 1), strides (1, 1) at every step
+        if not self.cuda_graph:
+            return self.step(token, self.cache)
+        if self.graph is None:
+            self.capture(token)
+        self.graph_token.copy_(token)
+        self.graph.replay()
+        return self.graph_logits
+
+    def capture(self, token):
+        """Record the one-token step as a CUDA graph, after warm-up runs on a side stream (they write the same
+        slot with the same values as the first replay). The caller's autocast is kept, without its cache of cast
+        weights, so that the graph owns the casts it replays."""
+        def autocast():
+            return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+
+        self.graph_token = token.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), autocast():
+            for _ in range(3):
+                self.step(self.graph_token, self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), autocast():
+            self.graph_logits = self.step(self.graph_token, self.cache)
 
 
 def build_model(config):

@@ -307,6 +307,14 @@ def setup_device(args):
     return device, rank, world_size
 
 
+def synchronize(device):
+    """Wait for the device's queued work (for wall-clock timings of sample.py and the benchmarks)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def resolve_dtype(args, device):
     if args.dtype != "auto":
         return args.dtype

@@ -111,6 +111,137 @@ def test_generate(top_k):
             assert torch.equal(out[:, t], logits[:, -1].argmax(-1))
 
 
+CACHE_VARIANTS = VARIANTS + [dict(symbol_type="position_relative", max_rel_pos=5),
+                             dict(ra_type="disrca", symbol_type="position_relative", max_rel_pos=3),
+                             dict(d_model=64, sa=1, ra=3, ra_type="disrca")]  # h = 16: DisRCA's materialised path
+
+
+@pytest.mark.parametrize("arch", ["current", "paper"])
+@pytest.mark.parametrize("overrides", CACHE_VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_cached_generation_equals_uncached(overrides, arch):
+    """Greedy and seeded sampling give the same tokens with and without the cache, for a batch, before and past
+    the block size of 16 (the window slides after 12 new tokens); the logits agree at every step."""
+    torch.manual_seed(0)
+    model = build(small_flags(**overrides), arch)
+    prompt = torch.randint(0, 50, (3, 4))
+    greedy = model.generate(prompt, 24, temperature=0, use_cache=False)
+    assert torch.equal(model.generate(prompt, 24, temperature=0), greedy)
+    for sampling in (dict(), dict(temperature=0.8, top_k=10, top_p=0.9)):
+        torch.manual_seed(1)
+        uncached = model.generate(prompt, 24, use_cache=False, **sampling)
+        torch.manual_seed(1)
+        assert torch.equal(model.generate(prompt, 24, **sampling), uncached)
+    decoder = M.CachedDecoder(model)
+    with torch.no_grad():
+        for t in range(4, greedy.size(1) + 1):
+            torch.testing.assert_close(decoder(greedy[:, :t]), model.last_logits(greedy[:, max(0, t - 16):t]),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def embedded_lengths(model):
+    """The sequence length of every forward pass through the model (recorded at the token embedding)."""
+    lengths = []
+    model.layers.token_embedder.register_forward_hook(lambda module, args, out: lengths.append(args[0].size(1)))
+    return lengths
+
+
+def test_cache_runs_each_position_once_until_the_window_slides():
+    """The prompt is run once, then one token per step; past the block size every step runs the whole window
+    again (each cropped context starts at another token, so no cached key stays valid); a prompt longer than the
+    block is cropped as the uncached path crops it."""
+    torch.manual_seed(0)
+    model = build(small_flags())
+    lengths = embedded_lengths(model)
+    model.generate(torch.randint(0, 50, (2, 5)), 14)
+    assert lengths == [5] + [1] * 11 + [16] * 2
+    lengths.clear()
+    long_prompt = torch.randint(0, 50, (2, 20))
+    out = model.generate(long_prompt, 3, temperature=0)
+    assert lengths == [16] * 3
+    assert torch.equal(out, model.generate(long_prompt, 3, temperature=0, use_cache=False))
+
+
+def test_uncached_generation_computes_only_the_last_logits():
+    torch.manual_seed(0)
+    model = build(small_flags())
+    shapes = []
+    model.layers.final_out.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    lengths = embedded_lengths(model)
+    model.generate(torch.randint(0, 50, (2, 5)), 3, use_cache=False)
+    assert lengths == [5, 6, 7]  # every position's hidden state ...
+    assert shapes == [(2, 50)] * 3  # ... but the output layer on the last position only
+
+
+def test_cached_generation_under_bfloat16_autocast():
+    torch.manual_seed(0)
+    model = build(small_flags())
+    prompt = torch.randint(0, 50, (2, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(prompt, 8, temperature=0)
+        decoder = M.CachedDecoder(model)
+        with torch.no_grad():
+            cached = [decoder(out[:, :t]) for t in range(4, 12)]
+            uncached = [model.last_logits(out[:, :t]) for t in range(4, 12)]
+    assert out.shape == (2, 12) and cached[-1].dtype == torch.bfloat16
+    for a, b in zip(cached, uncached):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
+
+
+def test_compiled_decoding_step_equals_uncached():
+    torch.manual_seed(0)
+    model = build(small_flags(symbol_type="position_relative", pos_enc_type="pos_emb", n_layers=1))
+    prompt = torch.randint(0, 50, (2, 4))
+    expected = model.generate(prompt, 14, temperature=0, use_cache=False)
+    assert torch.equal(model.generate(prompt, 14, temperature=0, compile=True), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("overrides,compile", [(dict(), False), (dict(ra=0, sa=4), False),
+                                               (dict(symbol_type="position_relative", pos_enc_type="pos_emb"), False),
+                                               (dict(), True)])
+def test_cuda_graph_decoding_equals_uncached(overrides, compile):
+    torch.manual_seed(0)
+    model = build(small_flags(**overrides)).cuda()
+    prompt = torch.randint(0, 50, (3, 4), device="cuda")
+    fast = dict(cuda_graph=True, compile=compile)
+    expected = model.generate(prompt, 24, temperature=0, use_cache=False)
+    assert torch.equal(model.generate(prompt, 24, temperature=0, **fast), expected)
+    torch.manual_seed(1)
+    expected = model.generate(prompt, 24, use_cache=False)
+    torch.manual_seed(1)
+    assert torch.equal(model.generate(prompt, 24, **fast), expected)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        decoder = M.CachedDecoder(model, **fast)
+        with torch.no_grad():
+            for t in range(4, 16):
+                torch.testing.assert_close(decoder(expected[:, :t]).float(),
+                                           model.last_logits(expected[:, :t]).float(), rtol=0.05, atol=0.05)
+
+
+def draws(logits, n=2000, **sampling):
+    """Tokens drawn n times from one row of logits."""
+    torch.manual_seed(0)
+    return M.sample_next(logits.log().expand(n, -1), **sampling).flatten()
+
+
+def test_sampling_temperature_top_k_and_top_p():
+    probs = torch.tensor([[0.1, 0.5, 0.05, 0.3, 0.05]])
+    assert torch.equal(M.sample_next(probs.log(), temperature=0), torch.tensor([[1]]))
+    assert set(draws(probs).tolist()) == {0, 1, 2, 3, 4}
+    assert set(draws(probs, top_k=1).tolist()) == {1}
+    assert set(draws(probs, top_k=2).tolist()) == {1, 3}
+    assert set(draws(probs, top_p=0.5).tolist()) == {1}  # 0.5 alone reaches 0.5
+    assert set(draws(probs, top_p=0.51).tolist()) == {1, 3}
+    assert set(draws(probs, top_p=0.85).tolist()) == {0, 1, 3}
+    assert set(draws(probs, top_p=0.01).tolist()) == {1}  # at least the most likely token
+    assert set(draws(probs, top_p=1.0).tolist()) == {0, 1, 2, 3, 4}
+    assert set(draws(probs, top_k=2, top_p=0.9).tolist()) == {1, 3}
+    kept = draws(probs, top_p=0.85)  # renormalised over the nucleus: 0.1 / 0.9 of the draws are token 0
+    assert abs((kept == 0).float().mean().item() - 0.1 / 0.9) < 0.03
+    hot = draws(probs, temperature=100.0)  # a high temperature flattens the distribution
+    assert abs((hot == 2).float().mean().item() - 0.2) < 0.04
+
+
 # -----------------------------------------------------------------------------
 # errors
 

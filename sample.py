@@ -1,0 +1,140 @@
+"""
+Sample from a trained model: continue prompts with the KV cache (model.generate) and print the texts and the speed.
+
+$ python sample.py --ckpt_path "out/<run name>" --prompt "Once upon a time," --num_samples 3 --temperature 0.8 --top_p 0.9
+
+--ckpt_path takes a run directory or a ckpt.pt of ours (either --arch) or a checkpoint of the authors' train.py. The
+tokenizer is the one the run trained with (its vocab_size and data_dir, as train.py finds it), or --tokenizer.
+Each prompt is continued num_samples times in one batch; the prompt's text is printed with its continuation.
+"""
+
+import argparse
+import os
+import pickle
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+import reference
+from tiny_stories_data import DataError, Tokenizer, tokenizer_path
+from train import HelpFormatter, RunError, resolve_dtype, setup_device, synchronize
+
+SEPARATOR = "-" * 100
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--ckpt_path", required=True, help="a run directory or a ckpt.pt (ours or the authors')")
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", action="append", help="a prompt (repeatable; default: one empty prompt, BOS only)")
+    prompts.add_argument("--prompt_file", help="a text file whose whole content is one prompt")
+    p.add_argument("--num_samples", default=1, type=int, help="samples per prompt (one batch)")
+    p.add_argument("--max_new_tokens", default=200, type=int, help="new tokens per sample")
+    p.add_argument("--temperature", default=1.0, type=float, help="0: greedy (the most likely token)")
+    p.add_argument("--top_k", default=None, type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top_p", default=None, type=float,
+                   help="nucleus sampling: the most likely tokens whose probabilities first sum to top_p")
+    p.add_argument("--seed", default=1337, type=int)
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype (auto: bfloat16 on CUDA, else float32)")
+    p.add_argument("--kv_cache", default=1, type=int, choices=[0, 1], help="1: generate with the KV cache")
+    p.add_argument("--cuda_graph", default=1, type=int, choices=[0, 1],
+                   help="1: on CUDA with the cache, replay the one-token step as a CUDA graph")
+    p.add_argument("--tokenizer", default=None, help="a SentencePiece .model (default: the run's tokenizer)")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problems = [message for bad, message in [
+        (args.num_samples < 1, "--num_samples must be at least 1"),
+        (args.max_new_tokens < 0, "--max_new_tokens must not be negative"),
+        (args.temperature < 0, "--temperature must not be negative"),
+        (args.top_k is not None and args.top_k < 1, "--top_k must be at least 1"),
+        (args.top_p is not None and not 0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
+    ] if bad]
+    if problems:
+        parser.error("; ".join(problems))
+    return args
+
+
+def load_checkpoint(path):
+    """(model in eval mode, the checkpoint's training config) of a run directory or a checkpoint file."""
+    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise RunError(f"no checkpoint at {file}")
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+        model = reference.model_from_checkpoint(ckpt)
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise RunError(f"{file} is not a checkpoint of a model this code builds ({e})") from None
+    return model, ckpt.get("config") or {}
+
+
+def find_tokenizer(args, train_config, vocab_size):
+    """--tokenizer, else the run's: tiny_stories_data.tokenizer_path of its vocab_size and data_dir (train.py's)."""
+    path = args.tokenizer
+    if path is None:
+        path = tokenizer_path(train_config.get("vocab_size", 0), train_config.get("data_dir", "data"))
+    tokenizer = Tokenizer(path)
+    if tokenizer.n_words != vocab_size:
+        raise RunError(f"{path} has {tokenizer.n_words} tokens, the model {vocab_size}")
+    return tokenizer
+
+
+def read_prompts(args):
+    if args.prompt_file is None:
+        return args.prompt or [""]
+    try:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return [f.read()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunError(f"--prompt_file {args.prompt_file}: {e}") from None
+
+
+def sample(args):
+    device, _, _ = setup_device(args)
+    dtype = resolve_dtype(args, device)
+    model, train_config = load_checkpoint(args.ckpt_path)
+    tokenizer = find_tokenizer(args, train_config, model.config.vocab_size)
+    prompts = read_prompts(args)
+    model.to(device)
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
+    torch.manual_seed(args.seed)
+    cuda_graph = bool(args.cuda_graph) and device.type == "cuda"
+    new_tokens, seconds = 0, 0.0
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, bos=True, eos=False)
+        idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
+        synchronize(device)
+        start = time.perf_counter()
+        with autocast:
+            out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, use_cache=bool(args.kv_cache), cuda_graph=cuda_graph)
+        synchronize(device)
+        seconds += time.perf_counter() - start
+        new_tokens += args.num_samples * args.max_new_tokens
+        for row in out.tolist():
+            print(tokenizer.decode(row))
+            print(SEPARATOR)
+    cache = "with the KV cache" if args.kv_cache else "without the KV cache"
+    print(f"{new_tokens:,} new tokens in {seconds:.2f} s: {new_tokens / max(seconds, 1e-9):,.1f} tokens/s "
+          f"({cache}, {device}, {dtype}, batch {args.num_samples})")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return sample(args)
+    except (RunError, DataError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return getattr(e, "code", 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
