@@ -55,6 +55,14 @@ def merge_heads(x):
     return x.transpose(1, 2).flatten(2)
 
 
+def repeat_kv(x, n_kv_heads, n_heads):
+    """Grouped-query attention: features of n_kv key/value heads (..., n_kv*h) -> (..., n*h), key/value head
+    g // (n / n_kv) serving query head g."""
+    if n_kv_heads == n_heads:
+        return x
+    return x.unflatten(-1, (n_kv_heads, -1)).repeat_interleave(n_heads // n_kv_heads, dim=-2).flatten(-2)
+
+
 def causal_softmax(q, k, scale):
     """Causal attention probabilities softmax(q k^T * scale) over j <= i: (B, H, T, T)."""
     T = q.size(-2)
@@ -110,10 +118,12 @@ def causal_attention(q, k, v, dropout_p):
 SDPA_MAX_VALUE_WIDTH = 192
 
 
-def setup_heads(module, config, n_heads):
-    """The head count and width, dropout rate and symbol form (max_rel_pos None: per-position symbols) every
-    attention module keeps; returns the width of its heads together, n_heads * h."""
+def setup_heads(module, config, n_heads, n_kv_heads=None):
+    """The head counts (query heads, and key/value heads: n_kv_heads None means as many) and width, dropout rate
+    and symbol form (max_rel_pos None: per-position symbols) every attention module keeps; returns the width of
+    its heads together, n_heads * h."""
     module.n_heads, module.head_dim = n_heads, config.head_dim
+    module.n_kv_heads = n_kv_heads or n_heads
     module.dropout = config.dropout_rate
     module.max_rel_pos = config.max_rel_pos
     return n_heads * config.head_dim
@@ -130,21 +140,22 @@ def linear_flops(module):
 class Attention(nn.Module):
     """Causal multi-head self-attention: softmax(q k^T / sqrt(h)) v, heads concatenated, then W_o.
 
-    Heads have the width h = d / (sa + ra) of the config (in dual attention, n_heads = sa < sa + ra)."""
+    Heads have the width h = d / (sa + ra) of the config (in dual attention, n_heads = sa < sa + ra); with
+    n_kv_heads < n_heads, groups of query heads share key/value heads (grouped-query attention)."""
 
-    def __init__(self, config, n_heads, bias=False):
+    def __init__(self, config, n_heads, bias=False, n_kv_heads=None):
         super().__init__()
-        width = setup_heads(self, config, n_heads)
+        width = setup_heads(self, config, n_heads, n_kv_heads)
         self.wq = nn.Linear(config.d_model, width, bias=False)
-        self.wk = nn.Linear(config.d_model, width, bias=False)
-        self.wv = nn.Linear(config.d_model, width, bias=False)
+        self.wk = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(width, width, bias=bias)
         self.resid_dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, x, rope=None):
         q = apply_rope(split_heads(self.wq(x), self.n_heads), rope)  # (B, n, T, h)
-        k = apply_rope(split_heads(self.wk(x), self.n_heads), rope)
-        v = split_heads(self.wv(x), self.n_heads)
+        k = apply_rope(split_heads(repeat_kv(self.wk(x), self.n_kv_heads, self.n_heads), self.n_heads), rope)
+        v = split_heads(repeat_kv(self.wv(x), self.n_kv_heads, self.n_heads), self.n_heads)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.wo(merge_heads(out)))
@@ -188,12 +199,13 @@ def pair_symbol_values(module, symbols, T):
     or the gathered relative symbols W_v E[clip(j - i, -M, M) + M] as a (T, T, n, h) tensor."""
     n = module.n_heads
     if module.max_rel_pos is None:
-        return module.wv(symbols).unflatten(-1, (n, -1)).unsqueeze(1)  # (B, 1, T, n, h)
+        sv = repeat_kv(module.wv(symbols), module.n_kv_heads, n)
+        return sv.unflatten(-1, (n, -1)).unsqueeze(1)  # (B, 1, T, n, h)
     M = module.max_rel_pos
     i = torch.arange(T, device=symbols.device).unsqueeze(1)
     j = torch.arange(T, device=symbols.device).unsqueeze(0)
     gathered = symbols[(j - i).clamp(-M, M) + M]  # (T, T, d)
-    return module.wv(gathered).unflatten(-1, (n, -1))  # (T, T, n, h)
+    return repeat_kv(module.wv(gathered), module.n_kv_heads, n).unflatten(-1, (n, -1))  # (T, T, n, h)
 
 
 def attend_pairs(w, sv):
@@ -213,22 +225,24 @@ class RelationalAttention(RelationalHeads):
     Computed without a B.T.T.n.h tensor: since relations are bilinear,
         sum_j alpha_ij r_ij[l] = <q^rel_{i,l}, sum_j alpha_ij k^rel_{j,l}> / sqrt(d_r),
     so the relation keys are attended like extra value columns, then W_r maps the n_r-vector.
-    `symmetric_rels` ties W^rel_k to W^rel_q. n_r and d_r come from the config (n_r = ra; d_r = h, or d // ra
-    for the paper arch)."""
+    `symmetric_rels` ties W^rel_k to W^rel_q. n_r and d_r come from the config (by default n_r = ra and d_r = h;
+    d // ra for the paper arch). With grouped-query attention, k and W_v have n_kv_heads heads (the relations
+    do not)."""
 
     def __init__(self, config):
         super().__init__()
-        d, width = config.d_model, setup_heads(self, config, config.ra)
+        d, width = config.d_model, setup_heads(self, config, config.ra, config.n_kv_heads_ra)
+        kv_width = self.n_kv_heads * self.head_dim
         self.n_relations, self.rel_dim = config.n_relations, config.rel_dim
         self.symmetric_rels = config.symmetric_rels
         self.wr = nn.Parameter(torch.empty(self.n_heads, self.head_dim, self.n_relations))
         bound = self.n_relations ** -0.5  # the default init of the paper era's nn.Linear(n_r, n*h)
         nn.init.uniform_(self.wr, -bound, bound)
         self.wq_attn = nn.Linear(d, width, bias=False)
-        self.wk_attn = nn.Linear(d, width, bias=False)
+        self.wk_attn = nn.Linear(d, kv_width, bias=False)
         self.wq_rel = nn.Linear(d, self.n_relations * self.rel_dim, bias=False)
         self.wk_rel = self.wq_rel if self.symmetric_rels else nn.Linear(d, self.n_relations * self.rel_dim, bias=False)
-        self.wv = nn.Linear(d, width, bias=False)
+        self.wv = nn.Linear(d, kv_width, bias=False)
         self.wo = nn.Linear(width, width, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout_rate)
 
@@ -236,10 +250,10 @@ class RelationalAttention(RelationalHeads):
         B, T, _ = x.shape
         n, n_r, d_r = self.n_heads, self.n_relations, self.rel_dim
         q = apply_rope(split_heads(self.wq_attn(x), n), rope)  # (B, n, T, h)
-        k = apply_rope(split_heads(self.wk_attn(x), n), rope)
+        k = apply_rope(split_heads(repeat_kv(self.wk_attn(x), self.n_kv_heads, n), n), rope)
         q_rel = self.wq_rel(x)  # (B, T, n_r*d_r)
         k_rel = q_rel if self.symmetric_rels else self.wk_rel(x)
-        sv = self.wv(symbols)  # (B, T, n*h) or relative table (2M+1, n*h)
+        sv = repeat_kv(self.wv(symbols), self.n_kv_heads, n)  # (B, T, n*h) or relative table (2M+1, n*h)
         k_rel_heads = k_rel.unsqueeze(1).expand(B, n, T, n_r * d_r)
         p = self.dropout if self.training else 0.0
         if self.max_rel_pos is None:
@@ -261,7 +275,7 @@ class RelationalAttention(RelationalHeads):
         (B, T, T, n, h) projected relations materialised."""
         n, n_r, T = self.n_heads, self.n_relations, x.size(1)
         q = apply_rope(split_heads(self.wq_attn(x), n), rope)
-        k = apply_rope(split_heads(self.wk_attn(x), n), rope)
+        k = apply_rope(split_heads(repeat_kv(self.wk_attn(x), self.n_kv_heads, n), n), rope)
         alpha = causal_softmax(q, k, self.head_dim ** -0.5)  # (B, n, T, T)
         q_rel = self.wq_rel(x).unflatten(-1, (n_r, -1))  # (B, T, n_r, d_r)
         k_rel = self.wk_rel(x).unflatten(-1, (n_r, -1))
@@ -281,22 +295,23 @@ class RelationalAttention(RelationalHeads):
 
 
 class RelationalCrossAttention(RelationalHeads):
-    """Relational cross-attention (RCA): a^g_i = sum_j softmax_j(q^g_i . k^g_j / sqrt(h)) sv^g_j (causal, RoPE)."""
+    """Relational cross-attention (RCA): a^g_i = sum_j softmax_j(q^g_i . k^g_j / sqrt(h)) sv^g_j (causal, RoPE).
+    With grouped-query attention, k and W_v have n_kv_heads heads."""
 
     def __init__(self, config):
         super().__init__()
-        d, width = config.d_model, setup_heads(self, config, config.ra)
+        d, width = config.d_model, setup_heads(self, config, config.ra, config.n_kv_heads_ra)
         self.wq = nn.Linear(d, width, bias=False)
-        self.wk = nn.Linear(d, width, bias=False)
-        self.wv = nn.Linear(d, width, bias=False)
+        self.wk = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(width, width, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout_rate)
 
     def fast_forward(self, x, symbols, rope=None):
         n = self.n_heads
         q = apply_rope(split_heads(self.wq(x), n), rope)  # (B, n, T, h)
-        k = apply_rope(split_heads(self.wk(x), n), rope)
-        sv = self.wv(symbols)
+        k = apply_rope(split_heads(repeat_kv(self.wk(x), self.n_kv_heads, n), n), rope)
+        sv = repeat_kv(self.wv(symbols), self.n_kv_heads, n)
         p = self.dropout if self.training else 0.0
         if self.max_rel_pos is None:
             out = causal_attention(q, k, split_heads(sv, n), p)
@@ -309,7 +324,7 @@ class RelationalCrossAttention(RelationalHeads):
         """a_i^g = sum_j alpha^g_ij sv^g_j with alpha (and relative symbols per pair) materialised."""
         n = self.n_heads
         q = apply_rope(split_heads(self.wq(x), n), rope)
-        k = apply_rope(split_heads(self.wk(x), n), rope)
+        k = apply_rope(split_heads(repeat_kv(self.wk(x), self.n_kv_heads, n), n), rope)
         alpha = causal_softmax(q, k, self.head_dim ** -0.5)  # (B, n, T, T)
         out = attend_pairs(self.drop_weights(alpha), pair_symbol_values(self, symbols, x.size(1)))
         return self.resid_dropout(self.wo(merge_heads(out))), {"alpha": alpha}
@@ -329,27 +344,29 @@ class DisentangledRelationalCrossAttention(RelationalHeads):
     With per-position symbols and small heads (h*h <= OUTER_MAX) rho is never built: since rho is bilinear,
         a_i = sum_c q^rel_i[c] (sum_j alpha_ij k^rel_j[c] sv_j) / sqrt(h),
     ordinary attention over the h*h-wide values k^rel_j (outer) sv_j. Dropout on alpha equals dropout on
-    alpha * rho (one elementwise mask)."""
+    alpha * rho (one elementwise mask). With grouped-query attention, k, k^rel and W_v have n_kv_heads heads."""
 
     OUTER_MAX = 256
 
     def __init__(self, config):
         super().__init__()
-        d, width = config.d_model, setup_heads(self, config, config.ra)
+        d, width = config.d_model, setup_heads(self, config, config.ra, config.n_kv_heads_ra)
+        kv_width = self.n_kv_heads * self.head_dim
         self.wq_attn = nn.Linear(d, width, bias=False)
-        self.wk_attn = nn.Linear(d, width, bias=False)
+        self.wk_attn = nn.Linear(d, kv_width, bias=False)
         self.wq_rel = nn.Linear(d, width, bias=False)
-        self.wk_rel = nn.Linear(d, width, bias=False)
-        self.wv = nn.Linear(d, width, bias=False)
+        self.wk_rel = nn.Linear(d, kv_width, bias=False)
+        self.wv = nn.Linear(d, kv_width, bias=False)
         self.wo = nn.Linear(width, width, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout_rate)
 
     def fast_forward(self, x, symbols, rope=None):
         n, h = self.n_heads, self.head_dim
         q = apply_rope(split_heads(self.wq_attn(x), n), rope)  # (B, n, T, h)
-        k = apply_rope(split_heads(self.wk_attn(x), n), rope)
-        q_rel, k_rel = split_heads(self.wq_rel(x), n), split_heads(self.wk_rel(x), n)
-        sv = self.wv(symbols)
+        k = apply_rope(split_heads(repeat_kv(self.wk_attn(x), self.n_kv_heads, n), n), rope)
+        q_rel = split_heads(self.wq_rel(x), n)
+        k_rel = split_heads(repeat_kv(self.wk_rel(x), self.n_kv_heads, n), n)
+        sv = repeat_kv(self.wv(symbols), self.n_kv_heads, n)
         p = self.dropout if self.training else 0.0
         if self.max_rel_pos is None and h * h <= self.OUTER_MAX:
             outer = (k_rel.unsqueeze(-1) * split_heads(sv, n).unsqueeze(-2)).flatten(-2)  # (B, n, T, h*h)
@@ -364,9 +381,10 @@ class DisentangledRelationalCrossAttention(RelationalHeads):
         """a_i^g = sum_j alpha^g_ij rho^g_ij sv^g_j with alpha and rho (B, n, T, T) materialised."""
         n, scale = self.n_heads, self.head_dim ** -0.5
         q = apply_rope(split_heads(self.wq_attn(x), n), rope)
-        k = apply_rope(split_heads(self.wk_attn(x), n), rope)
+        k = apply_rope(split_heads(repeat_kv(self.wk_attn(x), self.n_kv_heads, n), n), rope)
         alpha = causal_softmax(q, k, scale)
-        rho = split_heads(self.wq_rel(x), n) @ split_heads(self.wk_rel(x), n).transpose(-2, -1) * scale
+        k_rel = split_heads(repeat_kv(self.wk_rel(x), self.n_kv_heads, n), n)
+        rho = split_heads(self.wq_rel(x), n) @ k_rel.transpose(-2, -1) * scale
         out = attend_pairs(self.drop_weights(alpha * rho), pair_symbol_values(self, symbols, x.size(1)))
         return self.resid_dropout(self.wo(merge_heads(out))), {"alpha": alpha, "rho": rho}
 
@@ -386,12 +404,16 @@ RELATIONAL_ATTENTION = {
 
 class DualAttention(nn.Module):
     """concat(self-attention over sa heads, relational attention (config.ra_type) over ra heads):
-    width (sa + ra) * h = d."""
+    width (sa + ra) * h = d. With config.share_attn_params, the self-attention heads select with the relational
+    heads' W_q, W_k (one pair of maps, registered under both names)."""
 
     def __init__(self, config):
         super().__init__()
-        self.self_attention = Attention(config, config.sa) if config.sa > 0 else None
+        self.self_attention = Attention(config, config.sa, n_kv_heads=config.n_kv_heads_sa) if config.sa > 0 else None
         self.relational_attention = RELATIONAL_ATTENTION[config.ra_type](config)
+        if config.share_attn_params:
+            self.self_attention.wq = self.relational_attention.wq_attn
+            self.self_attention.wk = self.relational_attention.wk_attn
 
     def forward(self, x, symbols, rope=None):
         relational = self.relational_attention(x, symbols, rope)
