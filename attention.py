@@ -164,6 +164,12 @@ class Attention(nn.Module):
         """Forward FLOPs of one sequence of T tokens: the linear maps, then q k^T and probs @ v over all T keys."""
         return T * linear_flops(self) + 4 * T * T * self.n_heads * self.head_dim
 
+    def weights(self, x, rope=None):
+        """{'alpha': the causal attention probabilities (B, n, T, T)}."""
+        q = apply_rope(split_heads(self.wq(x), self.n_heads), rope)
+        k = apply_rope(split_heads(repeat_kv(self.wk(x), self.n_kv_heads, self.n_heads), self.n_heads), rope)
+        return {"alpha": causal_softmax(q, k, self.head_dim ** -0.5)}
+
 
 # -----------------------------------------------------------------------------
 # relational heads
@@ -424,3 +430,11 @@ class DualAttention(nn.Module):
     def forward_flops(self, T):
         sensory = 0 if self.self_attention is None else self.self_attention.forward_flops(T)
         return sensory + self.relational_attention.forward_flops(T)
+
+    def attention_maps(self, x, symbols, rope=None):
+        """The weights of both kinds of heads (see LanguageModel.attention_maps); the relational ones as the plain
+        formulation computes them."""
+        sensory = None if self.self_attention is None else self.self_attention.weights(x, rope)["alpha"]
+        relational = self.relational_attention.plain_forward(x, symbols, rope)[1]
+        return {"self_attention": sensory, "relational_attention": relational["alpha"],
+                "relations": relational.get("relations", relational.get("rho"))}

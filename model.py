@@ -305,6 +305,14 @@ class Block(nn.Module):
         """Forward FLOPs of one sequence of T tokens (the LayerNorms are not counted)."""
         return getattr(self, self.mixer).forward_flops(T) + self.ff_block.forward_flops(T)
 
+    def attention_maps(self, x, symbols=None, rope=None):
+        """The attention weights of the mixing layer on the block's input x (see LanguageModel.attention_maps)."""
+        x = self.norm1(x) if self.norm_first else x
+        if self.mixer == "dual_attn":
+            return self.dual_attn.attention_maps(x, symbols, rope)
+        return {"self_attention": self.self_attn.weights(x, rope)["alpha"], "relational_attention": None,
+                "relations": None}
+
 
 # -----------------------------------------------------------------------------
 # symbol retrievers (one module, shared by all layers, called on each layer's input)
@@ -335,6 +343,13 @@ class SymbolicAttention(nn.Module):
     def forward_flops(self, T):
         """q_proj, then the scores against and the mixing of the n_s symbols (2 n_s d each) per token."""
         return T * (linear_flops(self) + 4 * self.symbol_library.numel())
+
+    def weights(self, x):
+        """The retrieval weights softmax(q^c F^c^T / sqrt(d/n)) of each head c: (B, n, T, n_symbols)."""
+        B, T, d = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, n, T, d/n)
+        keys = self.template_features.view(-1, self.n_heads, d // self.n_heads).transpose(0, 1)  # (n, n_s, d/n)
+        return (q @ keys.transpose(-2, -1) * (d // self.n_heads) ** -0.5).softmax(dim=-1)
 
 
 class RelativePositionalEncoding(nn.Module):
@@ -461,6 +476,32 @@ class LanguageModel(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss
+
+    @torch.no_grad()
+    def attention_maps(self, idx):
+        """The attention weights of the forward pass of idx (B, T), in eval mode (exact math): one dict per block,
+            self_attention        (B, sa, T, T) causal probabilities of the self-attention heads, or None (sa = 0)
+            relational_attention  (B, ra, T, T) selection probabilities alpha of the relational heads, or None
+            relations             relational attention: r_ij as (B, T, T, n_r); DisRCA: its relation scores rho
+                                  (B, ra, T, T), unmasked; RCA and the Transformer: None
+            symbol_attention      symbolic attention: the weights with which each token retrieves its symbol,
+                                  (B, symbol_heads, T, n_symbols); else None"""
+        blocks, was_training = self.layers.blocks, self.training
+        inputs = []  # each block's input (x, symbols, rope), as the forward pass gives it
+        hooks = [block.register_forward_pre_hook(lambda block, args: inputs.append(args)) for block in blocks]
+        try:
+            self.eval()
+            self.hidden_states(idx)
+            maps = []
+            for layer, (block, (x, symbols, rope)) in enumerate(zip(blocks, inputs, strict=True)):
+                retriever = self.layers.symbol_retrievers[layer] if self.config.ra > 0 else None
+                symbol_attention = retriever.weights(x) if isinstance(retriever, SymbolicAttention) else None
+                maps.append(dict(block.attention_maps(x, symbols, rope), symbol_attention=symbol_attention))
+            return maps
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.train(was_training)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):

@@ -209,7 +209,8 @@ def test_grouped_query_attention_has_the_authors_shapes():
     block = M.build_model(config).layers.blocks[0].dual_attn
     assert block.self_attention.wk.weight.shape == block.self_attention.wv.weight.shape == (16, 64)
     ra = block.relational_attention
-    assert ra.wk_attn.weight.shape == ra.wv.weight.shape == (16, 64) and ra.wq_attn.weight.shape == (32, 64)
+    assert ra.wk_attn.weight.shape == ra.wv.weight.shape == (16, 64)
+    assert ra.wq_attn.weight.shape == (32, 64)
     assert ra.wq_rel.weight.shape == (32, 64) and ra.wr.shape == (4, 8, 8)
     assert R.reference_args(config)[1]["ra_kwargs"] == dict(n_kv_heads=2, n_relations=8, rel_proj_dim=4,
                                                             symmetric_rels=False)
