@@ -85,7 +85,7 @@ def heatmap_grid(panels, row_labels, col_labels, title, cmap, path, symmetric=Fa
     fontsize = 7 if len(row_labels) <= 32 else 5
     for ax, (name, values) in zip(axes.flat, panels):
         limit = float(values.nan_to_num().abs().max()) or 1.0
-        image = ax.imshow(values, cmap=cmap, aspect="auto", interpolation="nearest",
+        image = ax.imshow(values.numpy(), cmap=cmap, aspect="auto", interpolation="nearest",
                           vmin=-limit if symmetric else 0.0, vmax=limit)
         ax.set_title(name, fontsize=9)
         ax.set_yticks(range(len(row_labels)), row_labels, fontsize=fontsize)
