@@ -70,7 +70,7 @@ def run_export(*argv, env=None):
                           text=True, timeout=120)
 
 
-def test_bad_input_gives_one_line(tmp_path):
+def test_bad_input_gives_one_line(tmp_path, capsys):
     our_checkpoint(tmp_path / "paper" / "ckpt.pt", arch="paper")
     (tmp_path / "file").write_text("")
     cases = [
@@ -79,9 +79,9 @@ def test_bad_input_gives_one_line(tmp_path):
         ((tmp_path / "paper", tmp_path / "file"), "is a file"),
     ]
     for (ckpt_path, out_dir), message in cases:
-        result = run_export("--ckpt_path", ckpt_path, "--out_dir", out_dir)
-        assert result.returncode == 1 and message in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
+        assert export.main(["--ckpt_path", str(ckpt_path), "--out_dir", str(out_dir)]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
 
