@@ -420,3 +420,34 @@ def test_attention_maps_shapes_and_probabilities(overrides):
             assert torch.allclose(m["symbol_attention"].sum(-1), torch.ones(B, 4, T))
         else:
             assert m["symbol_attention"] is None
+
+
+@pytest.mark.parametrize("overrides", [o for o in VARIANTS if o.get("ra") != 0],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_attention_maps_are_the_weights_of_the_plain_formulation(overrides):
+    """Each block's dual-attention output, recomputed by the plain formulation (every product materialised) from
+    the maps alone, equals the block's own output: the maps are the weights the model computes with."""
+    from plain_attention import attend_pairs, symbol_values
+    torch.manual_seed(0)
+    model = build(small_flags(**overrides)).double()
+    idx = torch.randint(0, 50, (2, 12))
+    maps = model.attention_maps(idx)
+    inputs = []  # each dual-attention layer's input (x, symbols, rope)
+    hooks = [block.dual_attn.register_forward_pre_hook(lambda module, args: inputs.append(args))
+             for block in model.layers.blocks]
+    model(idx)
+    for hook in hooks:
+        hook.remove()
+    ra_type = model.config.ra_type
+    for m, block, (x, symbols, rope) in zip(maps, model.layers.blocks, inputs, strict=True):
+        sa, ra = block.dual_attn.self_attention, block.dual_attn.relational_attention
+        w = m["relational_attention"] * (m["relations"] if ra_type == "disrca" else 1)  # DisRCA: alpha * rho
+        relational = attend_pairs(w, symbol_values(ra, symbols, 12))
+        if ra_type == "relational_attention":  # + sum_j alpha_ij W_r r_ij
+            relational = relational + torch.einsum("bnij,bijl,nhl->bnih", w, m["relations"], ra.wr)
+        outputs = [ra.wo(relational.transpose(1, 2).flatten(2))]
+        if sa is not None:
+            v = sa.wv(x).unflatten(-1, (sa.n_heads, -1)).transpose(1, 2)
+            outputs.insert(0, sa.wo((m["self_attention"] @ v).transpose(1, 2).flatten(2)))
+        expected = block.dual_attn(x, symbols, rope)
+        assert (torch.cat(outputs, dim=-1) - expected).abs().max().item() < 1e-10
