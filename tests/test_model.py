@@ -427,7 +427,7 @@ def test_attention_maps_shapes_and_probabilities(overrides):
 def test_attention_maps_are_the_weights_of_the_plain_formulation(overrides):
     """Each block's dual-attention output, recomputed by the plain formulation (every product materialised) from
     the maps alone, equals the block's own output: the maps are the weights the model computes with."""
-    from plain_attention import attend_pairs, symbol_values
+    from attention import attend_pairs, pair_symbol_values
     torch.manual_seed(0)
     model = build(small_flags(**overrides)).double()
     idx = torch.randint(0, 50, (2, 12))
@@ -442,7 +442,7 @@ def test_attention_maps_are_the_weights_of_the_plain_formulation(overrides):
     for m, block, (x, symbols, rope) in zip(maps, model.layers.blocks, inputs, strict=True):
         sa, ra = block.dual_attn.self_attention, block.dual_attn.relational_attention
         w = m["relational_attention"] * (m["relations"] if ra_type == "disrca" else 1)  # DisRCA: alpha * rho
-        relational = attend_pairs(w, symbol_values(ra, symbols, 12))
+        relational = attend_pairs(w, pair_symbol_values(ra, symbols, 12))
         if ra_type == "relational_attention":  # + sum_j alpha_ij W_r r_ij
             relational = relational + torch.einsum("bnij,bijl,nhl->bnih", w, m["relations"], ra.wr)
         outputs = [ra.wo(relational.transpose(1, 2).flatten(2))]
