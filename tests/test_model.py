@@ -422,7 +422,7 @@ def test_attention_maps_shapes_and_probabilities(overrides):
             assert m["symbol_attention"] is None
 
 
-@pytest.mark.parametrize("overrides", [o for o in VARIANTS if o.get("ra") != 0],
+@pytest.mark.parametrize("overrides", [o for o in VARIANTS if o.get("ra") != 0 and o.get("pos_enc_type") != "pos_emb"],
                          ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_attention_maps_are_the_weights_of_the_plain_formulation(overrides):
     """Each block's dual-attention output, recomputed by the plain formulation (every product materialised) from
