@@ -236,7 +236,11 @@ def test_load_model_reads_our_checkpoints_and_refuses_what_is_not_a_model(tmp_pa
                 config=dict(vocab_size=0))
     (tmp_path / "run").mkdir()
     torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
-    for path in (tmp_path / "run", tmp_path / "run" / "ckpt.pt"):
+    # the authors' train.py: no kind or arch, a compiled model's key prefix, their training config
+    theirs = dict(model={f"_orig_mod.{k}": v for k, v in fixture["state_dict"].items()},
+                  model_args=fixture["model_args"], iter_num=3, best_val_loss=torch.tensor(2.5), config={"sa": 2})
+    torch.save(theirs, tmp_path / "theirs.pt")
+    for path in (tmp_path / "run", tmp_path / "run" / "ckpt.pt", tmp_path / "theirs.pt"):
         logits, _ = R.load_model(str(path))(fixture["idx"])
         assert (logits - fixture["logits"]).abs().max().item() <= 1e-4
     (tmp_path / "empty").mkdir()
