@@ -69,6 +69,14 @@ def relative_kernel_applies(x):
     return x.is_cuda and kernels.HAS_TRITON
 
 
+def repeat_kv(x, n_kv_heads, n_heads):
+    """Grouped-query attention: features of n_kv key/value heads (..., n_kv*h) -> (..., n*h), key/value head
+    g // (n / n_kv) serving query head g."""
+    if n_kv_heads == n_heads:
+        return x
+    return x.unflatten(-1, (n_kv_heads, -1)).repeat_interleave(n_heads // n_kv_heads, dim=-2).flatten(-2)
+
+
 def causal_softmax(q, k, scale):
     """Causal attention probabilities softmax(q k^T * scale) over j <= i: (B, H, T, T)."""
     T = q.size(-2)
@@ -133,17 +141,19 @@ def symbol_values(module, symbols, cache=None):
     """sv = W_v(symbols): per position (B, T, n*h), which a decoding cache extends to all its slots (B, S, n*h);
     or the projected relative table (2M+1, n*h), which a cache computes once."""
     if module.max_rel_pos is None:
-        sv = module.wv(symbols)
+        sv = repeat_kv(module.wv(symbols), module.n_kv_heads, module.n_heads)
         return sv if cache is None else cache.update(module, "sv", sv)
     if cache is None:
-        return module.wv(symbols)
-    return cache.constant(module, "sv", lambda: module.wv(symbols))
+        return repeat_kv(module.wv(symbols), module.n_kv_heads, module.n_heads)
+    return cache.constant(module, "sv", lambda: repeat_kv(module.wv(symbols), module.n_kv_heads, module.n_heads))
 
 
-def setup_heads(module, config, n_heads):
-    """The head count and width, dropout rate and symbol form (max_rel_pos None: per-position symbols) every
-    attention module keeps; returns the width of its heads together, n_heads * h."""
+def setup_heads(module, config, n_heads, n_kv_heads=None):
+    """The head counts (query heads, and key/value heads: n_kv_heads None means as many) and width, dropout rate
+    and symbol form (max_rel_pos None: per-position symbols) every attention module keeps; returns the width of
+    its heads together, n_heads * h."""
     module.n_heads, module.head_dim = n_heads, config.head_dim
+    module.n_kv_heads = n_kv_heads or n_heads
     module.dropout = config.dropout_rate
     module.max_rel_pos = config.max_rel_pos
     return n_heads * config.head_dim
@@ -206,21 +216,22 @@ class KVCache:
 class Attention(nn.Module):
     """Causal multi-head self-attention: softmax(q k^T / sqrt(h)) v, heads concatenated, then W_o.
 
-    Heads have the width h = d / (sa + ra) of the config (in dual attention, n_heads = sa < sa + ra)."""
+    Heads have the width h = d / (sa + ra) of the config (in dual attention, n_heads = sa < sa + ra); with
+    n_kv_heads < n_heads, groups of query heads share key/value heads (grouped-query attention)."""
 
-    def __init__(self, config, n_heads, bias=False):
+    def __init__(self, config, n_heads, bias=False, n_kv_heads=None):
         super().__init__()
-        width = setup_heads(self, config, n_heads)
+        width = setup_heads(self, config, n_heads, n_kv_heads)
         self.wq = nn.Linear(config.d_model, width, bias=False)
-        self.wk = nn.Linear(config.d_model, width, bias=False)
-        self.wv = nn.Linear(config.d_model, width, bias=False)
+        self.wk = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(width, width, bias=bias)
         self.resid_dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, x, rope=None, cache=None):
         q = apply_rope(split_heads(self.wq(x), self.n_heads), rope)  # (B, n, T, h)
-        k = apply_rope(split_heads(self.wk(x), self.n_heads), rope)
-        v = split_heads(self.wv(x), self.n_heads)
+        k = apply_rope(split_heads(repeat_kv(self.wk(x), self.n_kv_heads, self.n_heads), self.n_heads), rope)
+        v = split_heads(repeat_kv(self.wv(x), self.n_kv_heads, self.n_heads), self.n_heads)
         if cache is not None:
             k, v = cache.update(self, "k", k), cache.update(self, "v", v)  # decoding: (B, n, S, h)
         if cache is not None and cache.decoding:
@@ -233,6 +244,12 @@ class Attention(nn.Module):
     def forward_flops(self, T):
         """Forward FLOPs of one sequence of T tokens: the linear maps, then q k^T and probs @ v over all T keys."""
         return T * linear_flops(self) + 4 * T * T * self.n_heads * self.head_dim
+
+    def weights(self, x, rope=None):
+        """{'alpha': the causal attention probabilities (B, n, T, T)}."""
+        q = apply_rope(split_heads(self.wq(x), self.n_heads), rope)
+        k = apply_rope(split_heads(repeat_kv(self.wk(x), self.n_kv_heads, self.n_heads), self.n_heads), rope)
+        return {"alpha": causal_softmax(q, k, self.head_dim ** -0.5)}
 
 
 # -----------------------------------------------------------------------------
@@ -271,12 +288,13 @@ def pair_symbol_values(module, symbols, T):
     or the gathered relative symbols W_v E[clip(j - i, -M, M) + M] as a (T, T, n, h) tensor."""
     n = module.n_heads
     if module.max_rel_pos is None:
-        return module.wv(symbols).unflatten(-1, (n, -1)).unsqueeze(1)  # (B, 1, T, n, h)
+        sv = repeat_kv(module.wv(symbols), module.n_kv_heads, n)
+        return sv.unflatten(-1, (n, -1)).unsqueeze(1)  # (B, 1, T, n, h)
     M = module.max_rel_pos
     i = torch.arange(T, device=symbols.device).unsqueeze(1)
     j = torch.arange(T, device=symbols.device).unsqueeze(0)
     gathered = symbols[(j - i).clamp(-M, M) + M]  # (T, T, d)
-    return module.wv(gathered).unflatten(-1, (n, -1))  # (T, T, n, h)
+    return repeat_kv(module.wv(gathered), module.n_kv_heads, n).unflatten(-1, (n, -1))  # (T, T, n, h)
 
 
 def attend_pairs(w, sv):
@@ -296,22 +314,24 @@ class RelationalAttention(RelationalHeads):
     Computed without a B.T.T.n.h tensor: since relations are bilinear,
         sum_j alpha_ij r_ij[l] = <q^rel_{i,l}, sum_j alpha_ij k^rel_{j,l}> / sqrt(d_r),
     so the relation keys are attended like extra value columns, then W_r maps the n_r-vector.
-    `symmetric_rels` ties W^rel_k to W^rel_q. n_r and d_r come from the config (n_r = ra; d_r = h, or d // ra
-    for the paper arch)."""
+    `symmetric_rels` ties W^rel_k to W^rel_q. n_r and d_r come from the config (by default n_r = ra and d_r = h;
+    d // ra for the paper arch). With grouped-query attention, k and W_v have n_kv_heads heads (the relations
+    do not)."""
 
     def __init__(self, config):
         super().__init__()
-        d, width = config.d_model, setup_heads(self, config, config.ra)
+        d, width = config.d_model, setup_heads(self, config, config.ra, config.n_kv_heads_ra)
+        kv_width = self.n_kv_heads * self.head_dim
         self.n_relations, self.rel_dim = config.n_relations, config.rel_dim
         self.symmetric_rels = config.symmetric_rels
         self.wr = nn.Parameter(torch.empty(self.n_heads, self.head_dim, self.n_relations))
         bound = self.n_relations ** -0.5  # the default init of the paper era's nn.Linear(n_r, n*h)
         nn.init.uniform_(self.wr, -bound, bound)
         self.wq_attn = nn.Linear(d, width, bias=False)
-        self.wk_attn = nn.Linear(d, width, bias=False)
+        self.wk_attn = nn.Linear(d, kv_width, bias=False)
         self.wq_rel = nn.Linear(d, self.n_relations * self.rel_dim, bias=False)
         self.wk_rel = self.wq_rel if self.symmetric_rels else nn.Linear(d, self.n_relations * self.rel_dim, bias=False)
-        self.wv = nn.Linear(d, width, bias=False)
+        self.wv = nn.Linear(d, kv_width, bias=False)
         self.wo = nn.Linear(width, width, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout_rate)
 
@@ -319,7 +339,7 @@ class RelationalAttention(RelationalHeads):
         B, T, _ = x.shape
         n, n_r, d_r = self.n_heads, self.n_relations, self.rel_dim
         q = apply_rope(split_heads(self.wq_attn(x), n), rope)  # (B, n, T, h)
-        k = apply_rope(split_heads(self.wk_attn(x), n), rope)
+        k = apply_rope(split_heads(repeat_kv(self.wk_attn(x), self.n_kv_heads, n), n), rope)
         q_rel = self.wq_rel(x)  # (B, T, n_r*d_r)
         k_rel = q_rel if self.symmetric_rels else self.wk_rel(x)
         sv = symbol_values(self, symbols, cache)  # (B, T, n*h) or relative table (2M+1, n*h)
@@ -353,7 +373,7 @@ class RelationalAttention(RelationalHeads):
         (B, T, T, n, h) projected relations materialised."""
         n, n_r, T = self.n_heads, self.n_relations, x.size(1)
         q = apply_rope(split_heads(self.wq_attn(x), n), rope)
-        k = apply_rope(split_heads(self.wk_attn(x), n), rope)
+        k = apply_rope(split_heads(repeat_kv(self.wk_attn(x), self.n_kv_heads, n), n), rope)
         alpha = causal_softmax(q, k, self.head_dim ** -0.5)  # (B, n, T, T)
         q_rel = self.wq_rel(x).unflatten(-1, (n_r, -1))  # (B, T, n_r, d_r)
         k_rel = self.wk_rel(x).unflatten(-1, (n_r, -1))
@@ -373,21 +393,22 @@ class RelationalAttention(RelationalHeads):
 
 
 class RelationalCrossAttention(RelationalHeads):
-    """Relational cross-attention (RCA): a^g_i = sum_j softmax_j(q^g_i . k^g_j / sqrt(h)) sv^g_j (causal, RoPE)."""
+    """Relational cross-attention (RCA): a^g_i = sum_j softmax_j(q^g_i . k^g_j / sqrt(h)) sv^g_j (causal, RoPE).
+    With grouped-query attention, k and W_v have n_kv_heads heads."""
 
     def __init__(self, config):
         super().__init__()
-        d, width = config.d_model, setup_heads(self, config, config.ra)
+        d, width = config.d_model, setup_heads(self, config, config.ra, config.n_kv_heads_ra)
         self.wq = nn.Linear(d, width, bias=False)
-        self.wk = nn.Linear(d, width, bias=False)
-        self.wv = nn.Linear(d, width, bias=False)
+        self.wk = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(width, width, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout_rate)
 
     def fast_forward(self, x, symbols, rope=None, cache=None):
         n = self.n_heads
         q = apply_rope(split_heads(self.wq(x), n), rope)  # (B, n, T, h)
-        k = apply_rope(split_heads(self.wk(x), n), rope)
+        k = apply_rope(split_heads(repeat_kv(self.wk(x), self.n_kv_heads, n), n), rope)
         sv = symbol_values(self, symbols, cache)
         if cache is not None:
             k = cache.update(self, "k", k)
@@ -407,7 +428,7 @@ class RelationalCrossAttention(RelationalHeads):
         """a_i^g = sum_j alpha^g_ij sv^g_j with alpha (and relative symbols per pair) materialised."""
         n = self.n_heads
         q = apply_rope(split_heads(self.wq(x), n), rope)
-        k = apply_rope(split_heads(self.wk(x), n), rope)
+        k = apply_rope(split_heads(repeat_kv(self.wk(x), self.n_kv_heads, n), n), rope)
         alpha = causal_softmax(q, k, self.head_dim ** -0.5)  # (B, n, T, T)
         out = attend_pairs(self.drop_weights(alpha), pair_symbol_values(self, symbols, x.size(1)))
         return self.resid_dropout(self.wo(merge_heads(out))), {"alpha": alpha}
@@ -427,26 +448,28 @@ class DisentangledRelationalCrossAttention(RelationalHeads):
     With per-position symbols and small heads (h*h <= OUTER_MAX) rho is never built: since rho is bilinear,
         a_i = sum_c q^rel_i[c] (sum_j alpha_ij k^rel_j[c] sv_j) / sqrt(h),
     ordinary attention over the h*h-wide values k^rel_j (outer) sv_j. Dropout on alpha equals dropout on
-    alpha * rho (one elementwise mask)."""
+    alpha * rho (one elementwise mask). With grouped-query attention, k, k^rel and W_v have n_kv_heads heads."""
 
     OUTER_MAX = 256
 
     def __init__(self, config):
         super().__init__()
-        d, width = config.d_model, setup_heads(self, config, config.ra)
+        d, width = config.d_model, setup_heads(self, config, config.ra, config.n_kv_heads_ra)
+        kv_width = self.n_kv_heads * self.head_dim
         self.wq_attn = nn.Linear(d, width, bias=False)
-        self.wk_attn = nn.Linear(d, width, bias=False)
+        self.wk_attn = nn.Linear(d, kv_width, bias=False)
         self.wq_rel = nn.Linear(d, width, bias=False)
-        self.wk_rel = nn.Linear(d, width, bias=False)
-        self.wv = nn.Linear(d, width, bias=False)
+        self.wk_rel = nn.Linear(d, kv_width, bias=False)
+        self.wv = nn.Linear(d, kv_width, bias=False)
         self.wo = nn.Linear(width, width, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout_rate)
 
     def fast_forward(self, x, symbols, rope=None, cache=None):
         n, h = self.n_heads, self.head_dim
         q = apply_rope(split_heads(self.wq_attn(x), n), rope)  # (B, n, T, h)
-        k = apply_rope(split_heads(self.wk_attn(x), n), rope)
-        q_rel, k_rel = split_heads(self.wq_rel(x), n), split_heads(self.wk_rel(x), n)
+        k = apply_rope(split_heads(repeat_kv(self.wk_attn(x), self.n_kv_heads, n), n), rope)
+        q_rel = split_heads(self.wq_rel(x), n)
+        k_rel = split_heads(repeat_kv(self.wk_rel(x), self.n_kv_heads, n), n)
         sv = symbol_values(self, symbols, cache)
         if cache is not None:
             k, k_rel = cache.update(self, "k", k), cache.update(self, "k_rel", k_rel)  # decoding: (B, n, S, h)
@@ -467,9 +490,10 @@ class DisentangledRelationalCrossAttention(RelationalHeads):
         """a_i^g = sum_j alpha^g_ij rho^g_ij sv^g_j with alpha and rho (B, n, T, T) materialised."""
         n, scale = self.n_heads, self.head_dim ** -0.5
         q = apply_rope(split_heads(self.wq_attn(x), n), rope)
-        k = apply_rope(split_heads(self.wk_attn(x), n), rope)
+        k = apply_rope(split_heads(repeat_kv(self.wk_attn(x), self.n_kv_heads, n), n), rope)
         alpha = causal_softmax(q, k, scale)
-        rho = split_heads(self.wq_rel(x), n) @ split_heads(self.wk_rel(x), n).transpose(-2, -1) * scale
+        k_rel = split_heads(repeat_kv(self.wk_rel(x), self.n_kv_heads, n), n)
+        rho = split_heads(self.wq_rel(x), n) @ k_rel.transpose(-2, -1) * scale
         out = attend_pairs(self.drop_weights(alpha * rho), pair_symbol_values(self, symbols, x.size(1)))
         return self.resid_dropout(self.wo(merge_heads(out))), {"alpha": alpha, "rho": rho}
 
@@ -489,12 +513,16 @@ RELATIONAL_ATTENTION = {
 
 class DualAttention(nn.Module):
     """concat(self-attention over sa heads, relational attention (config.ra_type) over ra heads):
-    width (sa + ra) * h = d."""
+    width (sa + ra) * h = d. With config.share_attn_params, the self-attention heads select with the relational
+    heads' W_q, W_k (one pair of maps, registered under both names)."""
 
     def __init__(self, config):
         super().__init__()
-        self.self_attention = Attention(config, config.sa) if config.sa > 0 else None
+        self.self_attention = Attention(config, config.sa, n_kv_heads=config.n_kv_heads_sa) if config.sa > 0 else None
         self.relational_attention = RELATIONAL_ATTENTION[config.ra_type](config)
+        if config.share_attn_params:
+            self.self_attention.wq = self.relational_attention.wq_attn
+            self.self_attention.wk = self.relational_attention.wk_attn
 
     def forward(self, x, symbols, rope=None, cache=None):
         relational = self.relational_attention(x, symbols, rope, cache)
@@ -505,3 +533,11 @@ class DualAttention(nn.Module):
     def forward_flops(self, T):
         sensory = 0 if self.self_attention is None else self.self_attention.forward_flops(T)
         return sensory + self.relational_attention.forward_flops(T)
+
+    def attention_maps(self, x, symbols, rope=None):
+        """The weights of both kinds of heads (see LanguageModel.attention_maps); the relational ones as the plain
+        formulation computes them."""
+        sensory = None if self.self_attention is None else self.self_attention.weights(x, rope)["alpha"]
+        relational = self.relational_attention.plain_forward(x, symbols, rope)[1]
+        return {"self_attention": sensory, "relational_attention": relational["alpha"],
+                "relations": relational.get("relations", relational.get("rho"))}

@@ -68,6 +68,7 @@ ACTIVATIONS = {
 ACTIVATION_CHOICES = ["swiglu", *ACTIVATIONS]
 POS_ENC_TYPES = ("RoPE", "pos_emb")
 SYMBOL_TYPES = ("symbolic_attention", "position_relative")
+NORM_TYPES = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
 
 
 # -----------------------------------------------------------------------------
@@ -101,6 +102,12 @@ class ModelConfig:
     n_symbols: int | None = None    # symbolic attention: library size (None: max_seq_len)
     symbol_heads: int = 4           # symbolic attention: heads of the retrieval
     max_rel_pos: int | None = None  # position-relative symbols: largest offset M (None: max_seq_len)
+    # options of the authors' larger published models ('current' arch; train.py leaves them at their defaults)
+    n_kv_heads_sa: int | None = None    # grouped-query attention: key/value heads of the self-attention (None: sa)
+    n_kv_heads_ra: int | None = None    # ... of the relational heads (None: ra)
+    n_relations: int | None = None      # relational_attention: the number n_r of relations (None: ra)
+    norm_type: str = "layernorm"        # or 'rmsnorm'
+    share_attn_params: bool = False     # DAT with sa == ra: self-attention's W_q, W_k are the relational W_q, W_k
 
     def __post_init__(self):
         def fail(message):
@@ -125,16 +132,33 @@ class ModelConfig:
             fail(f"d_model={self.d_model} must be divisible by the number of heads ({self.n_heads})")
         if self.pos_enc_type == "RoPE" and self.head_dim % 2 != 0:
             fail(f"RoPE needs an even head width; d_model/heads = {self.head_dim}")
+        if self.norm_type not in NORM_TYPES:
+            fail(f"unknown norm_type {self.norm_type!r}; choose from {list(NORM_TYPES)}")
+        for name, heads in (("n_kv_heads_sa", self.sa), ("n_kv_heads_ra", self.ra)):
+            kv_heads = getattr(self, name)
+            if kv_heads in (None, heads) or heads == 0:
+                reset(**{name: None})  # None: one key/value head per query head
+            elif kv_heads <= 0 or heads % kv_heads != 0:
+                fail(f"{name}={kv_heads} must divide the {heads} heads")
         if self.ra == 0:  # the Transformer: no symbols, no relations
             reset(symbol_type="NA", ra_type="NA", symmetric_rels=False, trainable_symbols=True, n_symbols=None,
-                  symbol_heads=4, max_rel_pos=None)
+                  symbol_heads=4, max_rel_pos=None, n_relations=None, share_attn_params=False)
+            self.check_paper_options()
             return
         if self.symbol_type not in SYMBOL_TYPES:
             fail(f"--ra {self.ra} needs --symbol_type symbolic_attention or position_relative "
                  f"(got {self.symbol_type})")
         if self.ra_type not in RELATIONAL_ATTENTION:
             fail(f"--ra {self.ra} needs --ra_type relational_attention, rca or disrca (got {self.ra_type})")
-        reset(bias=False, symmetric_rels=self.symmetric_rels and self.ra_type == "relational_attention")
+        relational = self.ra_type == "relational_attention"
+        reset(bias=False, symmetric_rels=self.symmetric_rels and relational,
+              n_relations=(self.n_relations or self.ra) if relational else None)
+        if relational and (self.n_relations <= 0 or self.ra * self.head_dim % self.n_relations != 0):
+            fail(f"{self.n_relations} relations do not divide the {self.ra * self.head_dim} relational features")
+        if self.share_attn_params and (self.sa != self.ra or self.ra_type == "rca"
+                                       or self.n_kv_heads_sa != self.n_kv_heads_ra):
+            fail("share_attn_params needs sa == ra (and as many key/value heads) and ra_type relational_attention "
+                 "or disrca")
         if self.symbol_type == "symbolic_attention":
             reset(n_symbols=self.n_symbols or self.max_seq_len, max_rel_pos=None)
             if self.d_model % self.symbol_heads != 0:
@@ -142,6 +166,16 @@ class ModelConfig:
         else:
             reset(max_rel_pos=self.max_rel_pos or self.max_seq_len, n_symbols=None, symbol_heads=4,
                   trainable_symbols=True)
+        self.check_paper_options()
+
+    def check_paper_options(self):
+        """The paper-era code had none of the published models' options."""
+        options = dict(n_kv_heads_sa=None, n_kv_heads_ra=None, norm_type="layernorm", share_attn_params=False)
+        changed = [name for name, default in options.items() if getattr(self, name) != default]
+        if self.n_relations not in (None, self.ra):
+            changed.append("n_relations")
+        if self.arch == "paper" and changed:
+            raise ValueError(f"the paper arch has no {', '.join(changed)} (only the 'current' arch)")
 
     @classmethod
     def from_flags(cls, flags):
@@ -186,14 +220,10 @@ class ModelConfig:
         return int(2 / 3 * 4 * self.d_model) if two_thirds else 4 * self.d_model
 
     @property
-    def n_relations(self):
-        """n_r: relational attention computes one relation per relational head."""
-        return self.ra
-
-    @property
     def rel_dim(self):
-        """d_r: the width of each relation, the head width ('current') or d // ra ('paper')."""
-        return self.d_model // self.ra if self.rules.rel_dim_from_d else self.head_dim
+        """d_r: the width of each relation, ra * h / n_r ('current': the head width for n_r = ra) or d // ra
+        ('paper')."""
+        return self.d_model // self.ra if self.rules.rel_dim_from_d else self.ra * self.head_dim // self.n_relations
 
     @property
     def relative_symbols(self):
@@ -238,6 +268,11 @@ class FeedForward(nn.Module):
 # -----------------------------------------------------------------------------
 # blocks
 
+def make_norm(config):
+    """LayerNorm(d) with affine weight and bias, or RMSNorm(d) with a weight (config.norm_type); eps 1e-5."""
+    return NORM_TYPES[config.norm_type](config.d_model, eps=1e-5)
+
+
 class Block(nn.Module):
     """Residual block around a mixing layer (attention, registered as `mixer_name`) and a feed-forward layer.
 
@@ -248,10 +283,10 @@ class Block(nn.Module):
         super().__init__()
         self.norm_first = config.norm_first
         self.dropout = nn.Dropout(config.dropout_rate)
-        self.norm1 = nn.LayerNorm(config.d_model)
+        self.norm1 = make_norm(config)
         setattr(self, mixer_name, mixer)  # registered in the reference's order
         self.mixer = mixer_name
-        self.norm2 = nn.LayerNorm(config.d_model)
+        self.norm2 = make_norm(config)
         self.ff_block = FeedForward(config, config.ff_bias)
 
     def mix(self, x, symbols, rope, cache):
@@ -269,6 +304,14 @@ class Block(nn.Module):
     def forward_flops(self, T):
         """Forward FLOPs of one sequence of T tokens (the LayerNorms are not counted)."""
         return getattr(self, self.mixer).forward_flops(T) + self.ff_block.forward_flops(T)
+
+    def attention_maps(self, x, symbols=None, rope=None):
+        """The attention weights of the mixing layer on the block's input x (see LanguageModel.attention_maps)."""
+        x = self.norm1(x) if self.norm_first else x
+        if self.mixer == "dual_attn":
+            return self.dual_attn.attention_maps(x, symbols, rope)
+        return {"self_attention": self.self_attn.weights(x, rope)["alpha"], "relational_attention": None,
+                "relations": None}
 
 
 # -----------------------------------------------------------------------------
@@ -300,6 +343,13 @@ class SymbolicAttention(nn.Module):
     def forward_flops(self, T):
         """q_proj, then the scores against and the mixing of the n_s symbols (2 n_s d each) per token."""
         return T * (linear_flops(self) + 4 * self.symbol_library.numel())
+
+    def weights(self, x):
+        """The retrieval weights softmax(q^c F^c^T / sqrt(d/n)) of each head c: (B, n, T, n_symbols)."""
+        B, T, d = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, n, T, d/n)
+        keys = self.template_features.view(-1, self.n_heads, d // self.n_heads).transpose(0, 1)  # (n, n_s, d/n)
+        return (q @ keys.transpose(-2, -1) * (d // self.n_heads) ** -0.5).softmax(dim=-1)
 
 
 class RelativePositionalEncoding(nn.Module):
@@ -356,7 +406,7 @@ class LanguageModel(nn.Module):
             self.layers["symbol_retrievers"] = nn.ModuleList([retriever] * config.n_layers)
         self.layers["blocks"] = blocks
         if config.rules.final_norm:
-            self.layers["norm"] = nn.LayerNorm(d)
+            self.layers["norm"] = make_norm(config)
         self.layers["final_out"] = nn.Linear(d, V, bias=not config.rules.tied_output)
         if config.rules.tied_output:
             self.layers.final_out.weight = self.layers.token_embedder.weight
@@ -438,6 +488,32 @@ class LanguageModel(nn.Module):
         return self.layers.final_out(self.hidden_states(idx, cache)[:, -1])
 
     @torch.no_grad()
+    def attention_maps(self, idx):
+        """The attention weights of the forward pass of idx (B, T), in eval mode (exact math): one dict per block,
+            self_attention        (B, sa, T, T) causal probabilities of the self-attention heads, or None (sa = 0)
+            relational_attention  (B, ra, T, T) selection probabilities alpha of the relational heads, or None
+            relations             relational attention: r_ij as (B, T, T, n_r); DisRCA: its relation scores rho
+                                  (B, ra, T, T), unmasked; RCA and the Transformer: None
+            symbol_attention      symbolic attention: the weights with which each token retrieves its symbol,
+                                  (B, symbol_heads, T, n_symbols); else None"""
+        blocks, was_training = self.layers.blocks, self.training
+        inputs = []  # each block's input (x, symbols, rope), as the forward pass gives it
+        hooks = [block.register_forward_pre_hook(lambda block, args: inputs.append(args)) for block in blocks]
+        try:
+            self.eval()
+            self.hidden_states(idx)
+            maps = []
+            for layer, (block, (x, symbols, rope)) in enumerate(zip(blocks, inputs, strict=True)):
+                retriever = self.layers.symbol_retrievers[layer] if self.config.ra > 0 else None
+                symbol_attention = retriever.weights(x) if isinstance(retriever, SymbolicAttention) else None
+                maps.append(dict(block.attention_maps(x, symbols, rope), symbol_attention=symbol_attention))
+            return maps
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.train(was_training)
+
+    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                  cuda_graph=False, compile=False):
         """Append max_new_tokens tokens to idx (B, T), each drawn by sample_next from the logits of the context
@@ -503,7 +579,8 @@ class TransformerLM(LanguageModel):
     """Transformer baseline (ra = 0): sa self-attention heads per block."""
 
     def make_block(self, config):
-        return Block(config, "self_attn", Attention(config, config.sa, bias=config.attn_out_bias))
+        return Block(config, "self_attn", Attention(config, config.sa, bias=config.attn_out_bias,
+                                                         n_kv_heads=config.n_kv_heads_sa))
 
 
 class DualAttnTransformerLM(LanguageModel):

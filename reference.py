@@ -6,13 +6,24 @@ Nothing else in the project uses their names; inside, a model is a ModelConfig (
     model_args_from_flags(flags, arch)  train.py flags -> (kind, model_args), exactly as the authors' train.py
     from_reference(kind, model_args, state_dict, arch)  their (kind, model_args) [+ weights] -> our model
     model_from_checkpoint(ckpt)         a checkpoint of theirs or ours, either arch -> our model
+    load_model(path)                    a run directory, ckpt.pt, Hugging Face directory or hub id -> our model
+    save_hf_directory(model, directory) our model -> config.json + model.safetensors of their package
+
+Their `dual-attention` package publishes models in the Hugging Face format of `PyTorchModelHubMixin`: a directory
+with config.json (the constructor's keyword arguments) and model.safetensors (the state dict, each shared tensor
+stored once).
 
 The paper era (May 2024, arch 'paper') names the DAT 'AbstractTransformerLM', its relational heads `n_heads_rca`
 (`rca_kwargs`, `rca_type` in {disentangled_v2, standard, disentangled_v1}), its symbols sym_attn/pos_relative,
 keeps one `symbol_retriever` and an output-layer alias in its state dict, and stores W_r as a Linear.
 """
 
+import json
+import os
+import re
 from dataclasses import replace
+
+import torch
 
 from model import ModelConfig, build_model
 
@@ -23,14 +34,18 @@ PAPER_ARG_NAMES = {"n_heads_ra": "n_heads_rca", "ra_kwargs": "rca_kwargs", "ra_t
 
 # the authors' constructors: argument -> default (None: required)
 COMMON_ARGS = dict(vocab_size=None, d_model=None, n_layers=None, dff=None, dropout_rate=None, activation=None,
-                   norm_first=None, max_block_size=None, bias=True, pos_enc_type="pos_emb")
+                   norm_first=None, max_block_size=None, bias=True, pos_enc_type="pos_emb", norm_type="layernorm")
 CONSTRUCTOR_ARGS = {
-    "TransformerLM": dict(COMMON_ARGS, n_heads=None),
+    "TransformerLM": dict(COMMON_ARGS, n_heads=None, use_flash_attention=True, block_kwargs={}),
     "DualAttnTransformerLM": dict(COMMON_ARGS, n_heads_sa=None, n_heads_ra=None, symbol_retrieval_kwargs=None,
                                   ra_kwargs={}, ra_type="relational_attention",
-                                  symbol_retrieval="symbolic_attention"),
+                                  symbol_retrieval="symbolic_attention", sa_kwargs={}, share_attn_params=False,
+                                  symbol_retriever_config={}),
 }
 OPTIONAL = {"dff"}  # required by position in the authors' signature, but None is its value
+# options of their attention modules that we build only at these values (they change nothing there)
+NEUTRAL_ATTENTION_ARGS = dict(add_bias_kv=False, add_bias_out=False, key_dim=None, symmetric_attn=False,
+                              rel_activation="identity", activation="softmax")
 
 
 # -----------------------------------------------------------------------------
@@ -41,9 +56,21 @@ def reference_args(config):
     common = dict(vocab_size=config.vocab_size, d_model=config.d_model, n_layers=config.n_layers, dff=config.dff,
                   pos_enc_type=config.pos_enc_type, dropout_rate=config.dropout_rate, activation=config.activation,
                   norm_first=config.norm_first, max_block_size=config.max_seq_len, bias=config.bias)
+    if config.norm_type != "layernorm":
+        common["norm_type"] = config.norm_type
     if config.ra == 0:
+        if config.n_kv_heads_sa:
+            common["block_kwargs"] = dict(attn_kwargs=dict(n_kv_heads=config.n_kv_heads_sa))
         return "TransformerLM", dict(common, n_heads=config.sa)
     ra_kwargs = {}
+    if config.n_kv_heads_sa:
+        common["sa_kwargs"] = dict(n_kv_heads=config.n_kv_heads_sa)
+    if config.n_kv_heads_ra:
+        ra_kwargs["n_kv_heads"] = config.n_kv_heads_ra
+    if config.ra_type == "relational_attention" and config.n_relations != config.ra:
+        ra_kwargs.update(n_relations=config.n_relations, rel_proj_dim=config.rel_dim)
+    if config.share_attn_params:
+        common["share_attn_params"] = True
     if config.relative_symbols:
         ra_kwargs["use_relative_positional_symbols"] = True
         symbol_kwargs = dict(symbol_dim=config.d_model, max_rel_pos=config.max_rel_pos)
@@ -75,17 +102,30 @@ def config_from_reference(kind, model_args, arch="current"):
     a = {**expected, **model_args}
     common = dict(vocab_size=a["vocab_size"], d_model=a["d_model"], n_layers=a["n_layers"], dff=a["dff"],
                   dropout_rate=a["dropout_rate"], activation=a["activation"], norm_first=bool(a["norm_first"]),
-                  max_seq_len=a["max_block_size"], bias=bool(a["bias"]), pos_enc_type=a["pos_enc_type"], arch=arch)
+                  max_seq_len=a["max_block_size"], bias=bool(a["bias"]), pos_enc_type=a["pos_enc_type"], arch=arch,
+                  norm_type=a["norm_type"])
     if kind == "TransformerLM":
-        return ModelConfig(sa=a["n_heads"], ra=0, **common)
+        block_kwargs = dict(a["block_kwargs"] or {})
+        attn = attention_options(block_kwargs.pop("attn_kwargs", None), "block_kwargs['attn_kwargs']")
+        if block_kwargs:
+            raise ValueError(f"unsupported block_kwargs {sorted(block_kwargs)}")
+        return ModelConfig(sa=a["n_heads"], ra=0, n_kv_heads_sa=attn.get("n_kv_heads"), **common)
     if a["n_heads_ra"] <= 0:
         raise ValueError(f"a DAT needs n_heads_ra > 0 (got {a['n_heads_ra']})")
-    symbol_type, ra_kwargs, symbols = a["symbol_retrieval"], dict(a["ra_kwargs"] or {}), a["symbol_retrieval_kwargs"]
-    if ra_kwargs.pop("use_relative_positional_symbols", False) != (symbol_type == "position_relative"):
+    retriever = dict(a["symbol_retriever_config"] or {})
+    if not retriever.pop("shared_symbol_retriever", True):
+        raise ValueError("symbol_retriever_config: one symbol retriever per layer (shared_symbol_retriever=False) "
+                         "is not supported")
+    retriever.pop("weight_tie_symbol_library", None)  # only acts on per-layer retrievers
+    if retriever:
+        raise ValueError(f"unsupported symbol_retriever_config {sorted(retriever)}")
+    symbol_type, symbols = a["symbol_retrieval"], a["symbol_retrieval_kwargs"]
+    sa = attention_options(a["sa_kwargs"], "sa_kwargs")
+    ra = attention_options(a["ra_kwargs"], "ra_kwargs", "use_relative_positional_symbols", "symmetric_rels",
+                           "n_relations", "rel_proj_dim")
+    if bool(ra.get("use_relative_positional_symbols")) != (symbol_type == "position_relative"):
         raise ValueError("use_relative_positional_symbols must be set exactly when symbols are position-relative")
-    symmetric_rels = bool(ra_kwargs.pop("symmetric_rels", False))
-    if ra_kwargs:
-        raise ValueError(f"unknown ra_kwargs {sorted(ra_kwargs)}")
+    symmetric_rels = bool(ra.get("symmetric_rels"))
     if symbol_type == "symbolic_attention":
         symbol_fields = dict(n_symbols=symbols["n_symbols"], symbol_heads=symbols.get("n_heads", 4),
                              trainable_symbols=bool(symbols.get("trainable_symbols", True)))
@@ -96,8 +136,26 @@ def config_from_reference(kind, model_args, arch="current"):
         raise ValueError(f"unknown symbol_retrieval {symbol_type!r}; choose symbolic_attention or position_relative")
     if width != a["d_model"]:
         raise ValueError(f"symbols of width {width} for a model of width d_model={a['d_model']}")
-    return ModelConfig(sa=a["n_heads_sa"], ra=a["n_heads_ra"], symbol_type=symbol_type, ra_type=a["ra_type"],
-                       symmetric_rels=symmetric_rels, **symbol_fields, **common)
+    config = ModelConfig(sa=a["n_heads_sa"], ra=a["n_heads_ra"], symbol_type=symbol_type, ra_type=a["ra_type"],
+                         symmetric_rels=symmetric_rels, n_kv_heads_sa=sa.get("n_kv_heads"),
+                         n_kv_heads_ra=ra.get("n_kv_heads"), n_relations=ra.get("n_relations"),
+                         share_attn_params=bool(a["share_attn_params"]), **symbol_fields, **common)
+    if ra.get("rel_proj_dim") is not None and (config.n_relations is None or ra["rel_proj_dim"] != config.rel_dim):
+        raise ValueError(f"rel_proj_dim={ra['rel_proj_dim']}: {config.n_relations} relations of "
+                         f"{config.ra} heads of width {config.head_dim} have width {config.rel_dim}")
+    return config
+
+
+def attention_options(kwargs, where, *known):
+    """The authors' attention keyword arguments (sa_kwargs, ra_kwargs, ...) -> the ones we build (`known` and
+    n_kv_heads); ValueError for any other option not at its neutral value (NEUTRAL_ATTENTION_ARGS)."""
+    options = dict(kwargs or {})
+    taken = {k: options.pop(k) for k in (*known, "n_kv_heads") if k in options}
+    odd = sorted(f"{k}={v!r}" for k, v in options.items()
+                 if k not in NEUTRAL_ATTENTION_ARGS or v != NEUTRAL_ATTENTION_ARGS[k])
+    if odd:
+        raise ValueError(f"unsupported {where}: {', '.join(odd)}")
+    return taken
 
 
 def to_paper_names(model_args):
@@ -204,3 +262,109 @@ def model_from_checkpoint(ckpt, **changes):
     config = replace(config_from_checkpoint(ckpt), **changes)
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
     return model_with_weights(config, state)
+
+
+# -----------------------------------------------------------------------------
+# the Hugging Face format of their package, and one loader for everything
+
+HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_PICKLE = "config.json", "model.safetensors", "pytorch_model.bin"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def load_model(path, map_location="cpu"):
+    """Our model, in eval mode, from any of:
+      - a run directory of train.py (ours or the authors'), or a checkpoint file in it (torch.load weights_only);
+      - a directory in the Hugging Face format (written by their package's save_pretrained or by export.py);
+      - a Hugging Face Hub model id such as 'awni00/DAT-sa8-ra8-ns1024-sh8-nkvh4-343M' (downloaded with
+        huggingface_hub's snapshot_download, when that package is installed; then read as a directory).
+    FileNotFoundError / ValueError with a one-line message when the path is none of these or does not fit."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, HF_CONFIG)):
+            return load_hf_directory(path, map_location)
+        if not os.path.isfile(os.path.join(path, "ckpt.pt")):
+            raise FileNotFoundError(f"{path} has neither a ckpt.pt nor a {HF_CONFIG}")
+        path = os.path.join(path, "ckpt.pt")
+    elif not os.path.exists(path):
+        if HUB_ID.fullmatch(path) and not path.endswith(".pt"):
+            return load_hf_directory(download_from_hub(path), map_location)
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch.load raises many types for files that are not checkpoints
+        raise ValueError(f"{path} is not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a checkpoint of train.py (no 'model' and 'model_args')")
+    return model_from_checkpoint(ckpt)
+
+
+def download_from_hub(repo_id):
+    """The local directory of a Hugging Face Hub model (network; cached by huggingface_hub)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"{repo_id} is not a local path, and reading it from the Hugging Face Hub needs "
+                                "`pip install huggingface_hub`") from None
+    try:
+        return snapshot_download(repo_id, allow_patterns=[HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_PICKLE])
+    except Exception as e:  # network, authentication and not-found errors of the hub client
+        raise FileNotFoundError(f"{repo_id}: not a local path, and the Hugging Face Hub gave "
+                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def kind_of_hf_config(model_args):
+    return "TransformerLM" if "n_heads" in model_args else "DualAttnTransformerLM"
+
+
+def load_hf_directory(directory, map_location="cpu"):
+    """config.json + model.safetensors (or pytorch_model.bin) of their package -> our model, in eval mode."""
+    with open(os.path.join(directory, HF_CONFIG)) as f:
+        try:
+            model_args = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f.name} is not JSON ({e})") from None
+    config = config_from_reference(kind_of_hf_config(model_args), model_args)
+    safetensors_path, pickle_path = os.path.join(directory, HF_WEIGHTS), os.path.join(directory, HF_WEIGHTS_PICKLE)
+    if os.path.isfile(safetensors_path):
+        from safetensors.torch import load_file
+        state = load_file(safetensors_path, device=str(map_location))
+    elif os.path.isfile(pickle_path):
+        state = torch.load(pickle_path, map_location=map_location, weights_only=True)
+    else:
+        raise FileNotFoundError(f"{directory} has a {HF_CONFIG} but no {HF_WEIGHTS}")
+    model = build_model(config)
+    load_state_dict(model, with_shared_names(model, state))
+    return model.eval()
+
+
+def with_shared_names(model, state_dict):
+    """A state dict that stores each shared tensor once (safetensors) -> one entry under every name the model
+    gives it (the tied output layer, the symbol retriever of every layer, symmetric or shared projections)."""
+    names = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(name)
+    full = dict(state_dict)
+    for group in names.values():
+        stored = [name for name in group if name in state_dict]
+        if stored:
+            full.update({name: state_dict[stored[0]] for name in group if name not in state_dict})
+    return full
+
+
+def save_hf_directory(model, directory):
+    """Write config.json (the keyword arguments of their DualAttnTransformerLM / TransformerLM) and
+    model.safetensors, which their `dual_attention.hf` classes read with from_pretrained(directory).
+    ValueError for a paper-era model (their package builds only today's architecture). Each file is written
+    to a temporary name and renamed into place."""
+    from safetensors.torch import save_model
+    if model.config.arch != "current":
+        raise ValueError("a paper-era model (--arch paper) has no counterpart in the authors' dual-attention "
+                         "package, whose classes build only the 'current' architecture")
+    kind, model_args = reference_args(model.config)
+    os.makedirs(directory, exist_ok=True)
+    config_path, weights_path = os.path.join(directory, HF_CONFIG), os.path.join(directory, HF_WEIGHTS)
+    with open(config_path + ".tmp", "w") as f:
+        json.dump(model_args, f, indent=2, sort_keys=True)
+    save_model(model, weights_path + ".tmp", metadata={"format": "pt"})
+    os.replace(weights_path + ".tmp", weights_path)
+    os.replace(config_path + ".tmp", config_path)
+    return kind

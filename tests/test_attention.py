@@ -108,6 +108,20 @@ def test_relation_width_can_differ_from_head_width():
                           rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("cls", RELATIONAL, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("relative", [False, True], ids=["symbolic", "position_relative"])
+def test_grouped_query_attention_fast_equals_plain(cls, relative):
+    """4 query heads sharing 2 key/value heads (and 8 relations of width 4 for RA): outputs and gradients."""
+    fields = dict(n_kv_heads_ra=2, **({"n_relations": 8} if cls is RelationalAttention else {}))
+    module = build(cls, 32, 4, 4, relative, 9, **fields)
+    assert module.wv.weight.shape == (16, 32)
+    x, symbols = inputs(2, 9, 32, relative, 9, torch.Generator().manual_seed(7))
+    fast, plain = module(x, symbols), plain_output(module, x, symbols)
+    assert torch.allclose(fast, plain, rtol=0, atol=1e-10)
+    for g_fast, g_plain in zip(grads(module, x, symbols, fast), grads(module, x, symbols, plain)):
+        assert torch.allclose(g_fast, g_plain, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("ra_type", ["relational_attention", "rca", "disrca"])
 def test_the_plain_switch_of_a_model(ra_type):
     """model.use_plain_attention(True) switches every relational module (and only those) to plain_forward."""

@@ -3,12 +3,15 @@ paper-era parameter counts (parity with the authors' outputs: tests/test_referen
 
 import csv
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import model as M
+import reference as R
 
 PAPER_LOGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "paper_logs" / "tiny_stories_run_histories.csv"
 
@@ -425,3 +428,157 @@ def test_a_config_builds_only_its_kind():
 def test_missing_flags_are_named():
     with pytest.raises(ValueError, match="missing flags: --d_model"):
         M.ModelConfig.from_flags(dict(sa=1, ra=0, n_layers=1, pos_enc_type="RoPE"))
+
+
+# -----------------------------------------------------------------------------
+# attention maps
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+PARITY = sorted((Path(__file__).resolve().parent / "fixtures" / "parity").glob("*.pt"))
+
+# Runs in a separate process with the authors' modules first on sys.path (their attention.py shares our module's
+# name): for each parity fixture, their blocks' weights with need_weights=True; the symbol-retrieval weights from
+# their package's visualisation helper, when the package is installed.
+REFERENCE_MAPS = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import language_models, model_utils, relational_attention
+relational_attention.model_utils = model_utils  # used there without an import
+try:
+    from dual_attention.model_analysis.datlm_utils import symbolic_attn_forward_get_weights
+except ImportError:
+    symbolic_attn_forward_get_weights = None
+results = {}
+for name, f in torch.load(sys.argv[2], weights_only=False).items():
+    model = getattr(language_models, f["kind"])(**f["model_args"]).eval()
+    model.load_state_dict(f["state_dict"])
+    T = f["idx"].size(1)
+    x = model.layers.token_embedder(f["idx"])
+    rope = dict(freqs_cos=None, freqs_sin=None)
+    if model.pos_enc_type == "pos_emb":
+        x = x + model.layers.positional_embedder(torch.arange(T))
+    else:
+        rope = dict(freqs_cos=model.freqs_cos[:T], freqs_sin=model.freqs_sin[:T])
+    maps = []
+    with torch.no_grad():
+        for layer, block in enumerate(model.layers.blocks):
+            h = block.norm1(x) if block.norm_first else x
+            if f["kind"] == "TransformerLM":
+                maps.append(dict(self_attention=block.self_attn(h, h, h, is_causal=True, need_weights=True, **rope)[1]))
+                x = block(x, **rope)
+                continue
+            retriever = model.layers.symbol_retrievers[layer]
+            symbols = retriever(x)
+            _, sa, ra = block.dual_attn(h, symbols, is_causal=True, need_weights=True, **rope)
+            m = dict(self_attention=sa, relational_attention=ra[0], relations=ra[1] if len(ra) > 1 else None)
+            if hasattr(retriever, "template_features") and symbolic_attn_forward_get_weights:
+                m["symbol_attention"] = symbolic_attn_forward_get_weights(retriever, x)[1]
+            maps.append(m)
+            x = block(x, symbols, **rope)
+    results[name] = maps
+torch.save(results, sys.argv[3])
+"""
+
+
+def assert_maps_equal(ours, theirs, keys):
+    for layer, (o, t) in enumerate(zip(ours, theirs, strict=True)):
+        for key in keys:
+            if t.get(key) is None:
+                assert o[key] is None, (layer, key)
+            else:
+                torch.testing.assert_close(o[key], t[key], rtol=1e-4, atol=1e-5, msg=f"layer {layer}: {key}")
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason=f"the authors' modules are not at {REFERENCE}")
+def test_attention_maps_equal_the_authors_modules(tmp_path):
+    """Every parity fixture (RA, RCA, DisRCA, symmetric relations, both symbol kinds, both position encodings,
+    post-norm, the Transformer): our maps equal what their modules return with need_weights=True."""
+    fixtures = {p.stem: torch.load(p, weights_only=False) for p in PARITY}
+    torch.save(fixtures, tmp_path / "fixtures.pt")
+    result = subprocess.run([sys.executable, "-c", REFERENCE_MAPS, str(REFERENCE), "fixtures.pt", "maps.pt"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    theirs = torch.load(tmp_path / "maps.pt", weights_only=False)
+    keys = ["self_attention", "relational_attention", "relations"]
+    for name, f in fixtures.items():
+        model = R.from_reference(f["kind"], f["model_args"], f["state_dict"])
+        ours = model.attention_maps(f["idx"])
+        assert_maps_equal(ours, theirs[name], keys + ["symbol_attention"] * ("symbol_attention" in theirs[name][0]))
+
+
+def test_attention_maps_of_grouped_query_models_equal_the_authors_package(monkeypatch):
+    """Their package's own visualisation forward (datlm_forward_w_intermediate_results) on published-style models:
+    grouped-query attention, 8 relations of 4 heads, 8 symbols of 2 heads; and sa = 0."""
+    hf = pytest.importorskip("dual_attention.hf", reason="pip install dual-attention huggingface_hub")
+    from dual_attention.model_analysis.datlm_utils import datlm_forward_w_intermediate_results
+    from test_reference import dat_args, package_model
+    for args in (dat_args(), dat_args(n_heads_sa=0, n_heads_ra=8, ra_kwargs=dict(n_kv_heads=4), sa_kwargs={})):
+        theirs = package_model(hf, "DualAttnTransformerLM", args)
+        ours = R.from_reference("DualAttnTransformerLM", args, theirs.state_dict())
+        idx = torch.randint(0, 50, (2, 16))
+        with torch.no_grad():
+            _, results = datlm_forward_w_intermediate_results(theirs, idx)
+        expected = [dict(self_attention=sa, relational_attention=ra, relations=rel, symbol_attention=sym)
+                    for sa, ra, rel, sym in zip(results["sa_attn_scores"], results["ra_attn_scores"],
+                                                results["ra_rels"], results["symbol_attn_scores"])]
+        maps = ours.attention_maps(idx)
+        assert_maps_equal(maps, expected, ["self_attention", "relational_attention", "relations", "symbol_attention"])
+        assert maps[0]["relations"].shape == (2, 16, 16, 8) and maps[0]["symbol_attention"].shape == (2, 2, 16, 8)
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_attention_maps_shapes_and_probabilities(overrides):
+    torch.manual_seed(0)
+    model = build(small_flags(**overrides)).train()
+    config = model.config
+    maps = model.attention_maps(torch.randint(0, 50, (2, 12)))
+    assert model.training and len(maps) == config.n_layers
+    B, T = 2, 12
+    for m in maps:
+        for key, heads in (("self_attention", config.sa), ("relational_attention", config.ra)):
+            if heads == 0:
+                assert m[key] is None
+                continue
+            assert m[key].shape == (B, heads, T, T)
+            assert torch.allclose(m[key].sum(-1), torch.ones(B, heads, T))
+            assert (m[key].triu(1) == 0).all()  # causal
+        relations = {"relational_attention": (B, T, T, config.ra), "disrca": (B, config.ra, T, T)}
+        assert (m["relations"] is None) == (config.ra_type not in relations)
+        if m["relations"] is not None:
+            assert m["relations"].shape == relations[config.ra_type]
+        if config.symbol_type == "symbolic_attention":
+            assert m["symbol_attention"].shape == (B, 4, T, config.n_symbols)
+            assert torch.allclose(m["symbol_attention"].sum(-1), torch.ones(B, 4, T))
+        else:
+            assert m["symbol_attention"] is None
+
+
+@pytest.mark.parametrize("overrides", [o for o in VARIANTS if o.get("ra") != 0 and o.get("pos_enc_type") != "pos_emb"],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_attention_maps_are_the_weights_of_the_plain_formulation(overrides):
+    """Each block's dual-attention output, recomputed by the plain formulation (every product materialised) from
+    the maps alone, equals the block's own output: the maps are the weights the model computes with."""
+    from attention import attend_pairs, pair_symbol_values
+    torch.manual_seed(0)
+    model = build(small_flags(**overrides)).double()
+    idx = torch.randint(0, 50, (2, 12))
+    maps = model.attention_maps(idx)
+    inputs = []  # each dual-attention layer's input (x, symbols, rope)
+    hooks = [block.dual_attn.register_forward_pre_hook(lambda module, args: inputs.append(args))
+             for block in model.layers.blocks]
+    model(idx)
+    for hook in hooks:
+        hook.remove()
+    ra_type = model.config.ra_type
+    for m, block, (x, symbols, rope) in zip(maps, model.layers.blocks, inputs, strict=True):
+        sa, ra = block.dual_attn.self_attention, block.dual_attn.relational_attention
+        w = m["relational_attention"] * (m["relations"] if ra_type == "disrca" else 1)  # DisRCA: alpha * rho
+        relational = attend_pairs(w, pair_symbol_values(ra, symbols, 12))
+        if ra_type == "relational_attention":  # + sum_j alpha_ij W_r r_ij
+            relational = relational + torch.einsum("bnij,bijl,nhl->bnih", w, m["relations"], ra.wr)
+        outputs = [ra.wo(relational.transpose(1, 2).flatten(2))]
+        if sa is not None:
+            v = sa.wv(x).unflatten(-1, (sa.n_heads, -1)).transpose(1, 2)
+            outputs.insert(0, sa.wo((m["self_attention"] @ v).transpose(1, 2).flatten(2)))
+        expected = block.dual_attn(x, symbols, rope)
+        assert (torch.cat(outputs, dim=-1) - expected).abs().max().item() < 1e-10
