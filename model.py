@@ -503,7 +503,7 @@ class LanguageModel(nn.Module):
             self.eval()
             self.hidden_states(idx)
             maps = []
-            for layer, (block, (x, symbols, rope)) in enumerate(zip(blocks, inputs, strict=True)):
+            for layer, (block, (x, symbols, rope, *_)) in enumerate(zip(blocks, inputs, strict=True)):
                 retriever = self.layers.symbol_retrievers[layer] if self.config.ra > 0 else None
                 symbol_attention = retriever.weights(x) if isinstance(retriever, SymbolicAttention) else None
                 maps.append(dict(block.attention_maps(x, symbols, rope), symbol_attention=symbol_attention))

@@ -279,9 +279,9 @@ def load_model(path, map_location="cpu"):
         huggingface_hub's snapshot_download, when that package is installed; then read as a directory).
     FileNotFoundError / ValueError with a one-line message when the path is none of these or does not fit."""
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, HF_CONFIG)):
-            return load_hf_directory(path, map_location)
-        if not os.path.isfile(os.path.join(path, "ckpt.pt")):
+        if not os.path.isfile(os.path.join(path, "ckpt.pt")):  # a run directory of ours also has a config.json
+            if os.path.isfile(os.path.join(path, HF_CONFIG)):
+                return load_hf_directory(path, map_location)
             raise FileNotFoundError(f"{path} has neither a ckpt.pt nor a {HF_CONFIG}")
         path = os.path.join(path, "ckpt.pt")
     elif not os.path.exists(path):

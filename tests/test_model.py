@@ -570,7 +570,7 @@ def test_attention_maps_are_the_weights_of_the_plain_formulation(overrides):
     for hook in hooks:
         hook.remove()
     ra_type = model.config.ra_type
-    for m, block, (x, symbols, rope) in zip(maps, model.layers.blocks, inputs, strict=True):
+    for m, block, (x, symbols, rope, *_) in zip(maps, model.layers.blocks, inputs, strict=True):
         sa, ra = block.dual_attn.self_attention, block.dual_attn.relational_attention
         w = m["relational_attention"] * (m["relations"] if ra_type == "disrca" else 1)  # DisRCA: alpha * rho
         relational = attend_pairs(w, pair_symbol_values(ra, symbols, 12))
