@@ -49,6 +49,8 @@ import model as M
 import reference
 import tiny_stories_data as D
 from bench_authors import time_steps
+from loader import bin_dir
+from tokenizer import DataError, tokenizer_path
 
 
 
@@ -174,19 +176,19 @@ def release_memory(device):
 def prepare_stories(data_dir, stories, tokenizer):
     """data_dir/tok32000/*.bin: the stories pretokenized with the Llama 2 tokenizer, for train.py --vocab_size
     32000 --data_dir data_dir. Built once (nothing is done when the shards are there)."""
-    if glob.glob(os.path.join(D.bin_dir(BENCH_VOCAB, data_dir), "*.bin")):
+    if glob.glob(os.path.join(bin_dir(BENCH_VOCAB, data_dir), "*.bin")):
         return
     for path, flag in ((stories, "--stories"), (tokenizer, "--tokenizer")):
         if not path or not os.path.isfile(path):
             raise SystemExit(f"error: {flag} {path}: no such file (train.py's rate needs real stories and the Llama 2 "
                              f"tokenizer; give {flag}, or --train_py 0)")
     os.makedirs(data_dir, exist_ok=True)
-    shutil.copyfile(tokenizer, D.tokenizer_path(BENCH_VOCAB, data_dir))
+    shutil.copyfile(tokenizer, tokenizer_path(BENCH_VOCAB, data_dir))
     try:
-        D.download(data_dir, source=stories, tokenizer_model=D.tokenizer_path(BENCH_VOCAB, data_dir),
+        D.download(data_dir, source=stories, tokenizer_model=tokenizer_path(BENCH_VOCAB, data_dir),
                    stories_per_shard=STORIES_PER_SHARD)
         D.pretokenize(BENCH_VOCAB, data_dir)
-    except D.DataError as e:
+    except DataError as e:
         raise SystemExit(f"error: {' '.join(str(e).split())}") from None
 
 

@@ -19,6 +19,8 @@ import time
 import torch
 
 import tiny_stories_data as tsd
+from loader import SHARD_DIR, BatchLoader, LoaderSettings, json_shards
+from tokenizer import Tokenizer
 
 STORIES_FILE = "TinyStories-train.head-2MiB.txt"
 SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
@@ -42,8 +44,8 @@ def best_time(fn, repeats):
 
 def story_by_story(data_dir, model):
     """llama2.c's way, for reference: one encode call per story, one process. Returns the token count."""
-    enc = tsd.Tokenizer(model)
-    return sum(len(enc.encode(s)) for shard in tsd.json_shards(os.path.join(data_dir, tsd.SHARD_DIR))
+    enc = Tokenizer(model)
+    return sum(len(enc.encode(s)) for shard in json_shards(os.path.join(data_dir, SHARD_DIR))
                for s in tsd.read_stories(shard))
 
 
@@ -75,7 +77,7 @@ def main():
             f.write(complete)
         quiet(tsd.download, tmp, source=os.path.join(tmp, "stories.txt"), tokenizer_model=model,
               stories_per_shard=-(-n_stories // args.shards))
-        n_shards = len(tsd.json_shards(os.path.join(tmp, tsd.SHARD_DIR)))
+        n_shards = len(json_shards(os.path.join(tmp, SHARD_DIR)))
 
         n_tokens, dt = best_time(lambda: story_by_story(tmp, model), args.repeats)
         print(f"data: {stories_txt}: {n_stories:,} stories, {n_tokens:,} tokens with BOS, {n_shards} shards")
@@ -86,7 +88,8 @@ def main():
             assert n == n_tokens
             print(f"pretokenize, batched, {workers} worker(s):              {n / dt:12,.0f} tokens/s")
 
-        loader = tsd.BatchLoader("train", args.batch_size, args.max_seq_len, data_dir=tmp, device=args.device)
+        settings = LoaderSettings(args.batch_size, args.max_seq_len, data_dir=tmp, device=args.device)
+        loader = BatchLoader("train", settings)
         for _ in range(10):
             loader.next_batch()
         t0 = time.perf_counter()

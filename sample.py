@@ -18,7 +18,7 @@ from contextlib import nullcontext
 import torch
 
 import reference
-from tiny_stories_data import DataError, Tokenizer, tokenizer_path
+from tokenizer import DataError, Tokenizer, tokenizer_path
 from train import HelpFormatter, RunError, resolve_dtype, setup_device, synchronize
 
 SEPARATOR = "-" * 100

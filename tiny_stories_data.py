@@ -1,5 +1,5 @@
 """
-TinyStories data pipeline: download, pretokenize, train_vocab, and the training batch loader.
+The TinyStories preparation tool: download, pretokenize, train_vocab (training reads its output through loader.py).
 
     python tiny_stories_data.py download                    # data/TinyStories_all_data/*.json + tokenizer.model
     python tiny_stories_data.py pretokenize                 # uint16 .bin next to every shard (Llama 2 tokenizer)
@@ -12,13 +12,11 @@ stops with a one-line error. Shard 0 is the validation split, all other shards a
 """
 
 import argparse
-import glob
 import gzip
 import hashlib
 import itertools
 import json
 import os
-import queue
 import re
 import shutil
 import signal
@@ -27,7 +25,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import warnings
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import Event
@@ -36,47 +33,19 @@ from pathlib import PurePosixPath
 import numpy as np
 import requests
 import sentencepiece as spm
-import torch
 from tqdm import tqdm as _tqdm
+
+from loader import SHARD_DIR, bin_dir, json_shards
+from tokenizer import TOKENIZER_MODEL, DataError, MissingDataError, Tokenizer, prepare_command, tokenizer_path
 
 DATA_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 TOKENIZER_URL = "https://raw.githubusercontent.com/karpathy/llama2.c/master/tokenizer.model"
 TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"  # Llama 2 tokenizer.model
-TOKENIZER_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer.model")
-SHARD_DIR = "TinyStories_all_data"  # <data_dir>/TinyStories_all_data/data00.json ...
 END_OF_TEXT = "<|endoftext|>"  # story separator of the TinyStories .txt exports
 MAX_UINT16_VOCAB = 65535
 ENCODE_BATCH = 1024  # stories per SentencePiece call in pretokenize
 DOWNLOAD_CHUNK = 1 << 16  # bytes per write; a dropped connection loses at most the chunk in flight
 PROGRESS_DELAY = 1.0  # seconds before a progress bar appears: quick stages and early errors print no bar
-
-
-class DataError(Exception):
-    """Bad input or a failed stage: main() prints it as a single `error: ...` line."""
-
-
-class MissingDataError(DataError, FileNotFoundError):
-    """A file or directory an earlier stage should have created is missing."""
-
-
-def command(stage, vocab_size=0, data_dir="data"):
-    """The command line that runs `stage` with these settings, for error messages."""
-    cmd = f"python tiny_stories_data.py {stage}"
-    if vocab_size:
-        cmd += f" --vocab_size {vocab_size}"
-    if os.path.normpath(data_dir) != "data":
-        cmd += f" --data_dir {data_dir}"
-    return f"`{cmd}`"
-
-
-def tokenizer_path(vocab_size=0, data_dir="data"):
-    """Path of the SentencePiece model: the Llama 2 model for vocab_size 0, else <data_dir>/tok{N}.model."""
-    return TOKENIZER_MODEL if vocab_size == 0 else os.path.join(data_dir, f"tok{vocab_size}.model")
-
-
-def bin_dir(vocab_size=0, data_dir="data"):
-    """Directory of the pretokenized .bin shards: next to the JSON shards for vocab_size 0, else <data_dir>/tok{N}."""
-    return os.path.join(data_dir, SHARD_DIR) if vocab_size == 0 else os.path.join(data_dir, f"tok{vocab_size}")
 
 
 def check_uint16(vocab_size):
@@ -89,42 +58,6 @@ def check_uint16(vocab_size):
 def tqdm(*args, **kwargs):
     """A progress bar on stderr that appears only after PROGRESS_DELAY seconds."""
     return _tqdm(*args, delay=PROGRESS_DELAY, **kwargs)
-
-
-# -----------------------------------------------------------------------------
-# tokenizer
-
-class Tokenizer:
-    """Thin SentencePiece wrapper (llama2.c's tokenizer.py)."""
-
-    def __init__(self, model_path):
-        if not os.path.isfile(model_path):
-            m = re.fullmatch(r"tok(\d+)\.model", os.path.basename(model_path))
-            fix = (command("train_vocab", int(m.group(1)), os.path.dirname(model_path) or ".") if m
-                   else command("download"))
-            raise MissingDataError(f"tokenizer model {model_path} not found: run {fix}")
-        try:
-            self.sp_model = spm.SentencePieceProcessor(model_file=model_path)
-        except (RuntimeError, OSError) as e:
-            raise DataError(f"{model_path} is not a SentencePiece model ({e})") from None
-        self.model_path = model_path
-        self.n_words = self.sp_model.vocab_size()
-        self.bos_id = self.sp_model.bos_id()
-        self.eos_id = self.sp_model.eos_id()
-        self.pad_id = self.sp_model.pad_id()
-
-    def encode(self, s, bos=True, eos=False):
-        """Token ids of one string, optionally framed by BOS/EOS."""
-        assert isinstance(s, str)
-        return self.sp_model.encode(s, add_bos=bos, add_eos=eos)
-
-    def encode_batch(self, texts, bos=True, eos=False):
-        """Token ids of a list of strings in one SentencePiece call (no per-string Python call)."""
-        return self.sp_model.encode(list(texts), add_bos=bos, add_eos=eos, num_threads=1)
-
-    def decode(self, ids):
-        """Text of a sequence of ids (list, numpy array or 1-D tensor)."""
-        return self.sp_model.decode([int(i) for i in ids])
 
 
 # -----------------------------------------------------------------------------
@@ -186,11 +119,6 @@ def write_atomic(path, data):
     except BaseException:
         os.unlink(tmp)
         raise
-
-
-def json_shards(shard_dir):
-    """Sorted paths of the .json shards in shard_dir (empty if it does not exist)."""
-    return sorted(glob.glob(os.path.join(shard_dir, "*.json")))
 
 
 def temp_dir_for(target):
@@ -533,7 +461,7 @@ def pretokenize(vocab_size=0, data_dir="data", workers=None, tokenizer_model=Non
     shard_dir = os.path.join(data_dir, SHARD_DIR)
     shards = json_shards(shard_dir)
     if not shards:
-        raise MissingDataError(f"no .json shards in {shard_dir}: run {command('download', 0, data_dir)} first")
+        raise MissingDataError(f"no .json shards in {shard_dir}: run {prepare_command('download', 0, data_dir)} first")
     model = tokenizer_model or tokenizer_path(vocab_size, data_dir)
     check_uint16(Tokenizer(model).n_words)
     out_dir = bin_dir(vocab_size, data_dir)
@@ -583,7 +511,7 @@ def train_vocab(vocab_size, data_dir="data", num_shards=10, keep_text=False):
     shard_dir = os.path.join(data_dir, SHARD_DIR)
     shards = json_shards(shard_dir)[:num_shards]
     if not shards:
-        raise MissingDataError(f"no .json shards in {shard_dir}: run {command('download', 0, data_dir)} first")
+        raise MissingDataError(f"no .json shards in {shard_dir}: run {prepare_command('download', 0, data_dir)} first")
     prefix = os.path.join(data_dir, f"tok{vocab_size}")
     tmp_prefix = os.path.join(data_dir, f".tok{vocab_size}.tmp")
     text_file = os.path.join(data_dir, "tiny.txt")
@@ -608,204 +536,6 @@ def train_vocab(vocab_size, data_dir="data", num_shards=10, keep_text=False):
             if os.path.exists(p):
                 os.remove(p)
     print(f"Trained {prefix}.model ({vocab_size} pieces)" + (f"; kept {text_file}" if keep_text else ""))
-
-
-# -----------------------------------------------------------------------------
-# batch loader used by train.py
-
-def open_bin(path):
-    """Memory-map a uint16 token shard (an empty file maps to an empty array)."""
-    size = os.path.getsize(path)
-    if size % 2:
-        raise DataError(f"{path} has an odd number of bytes, not a uint16 token file: run pretokenize again")
-    return np.memmap(path, dtype=np.uint16, mode="r") if size else np.zeros(0, dtype=np.uint16)
-
-
-def check_token_ids(tokenizer, vocab_size=0, data_dir="data"):
-    """Raise DataError if a .bin shard holds a token id outside the tokenizer's vocabulary (shards written with
-    another tokenizer). One pass over the memory-mapped shards."""
-    d = bin_dir(vocab_size, data_dir)
-    for path in sorted(glob.glob(os.path.join(d, "*.bin"))):
-        tokens = open_bin(path)
-        top = int(tokens.max()) if len(tokens) else -1
-        if top >= tokenizer.n_words:
-            raise DataError(f"{path} holds token id {top}, outside the {tokenizer.n_words:,} tokens of "
-                            f"{tokenizer.model_path}: it was pretokenized with another tokenizer; run "
-                            f"{command('pretokenize', vocab_size, data_dir)} again")
-
-
-class Windows:
-    """All windows of max_seq_len + 1 consecutive tokens of a split, numbered 0..n_windows-1 shard after shard.
-    Shard 0 is "val", the others "train"; shards too short for a single window are left out."""
-
-    def __init__(self, split, max_seq_len, vocab_size=0, data_dir="data"):
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', not {split!r}")
-        d = bin_dir(vocab_size, data_dir)
-        paths = sorted(glob.glob(os.path.join(d, "*.bin")))
-        if not paths:
-            fix = command("pretokenize", vocab_size, data_dir)
-            if not json_shards(os.path.join(data_dir, SHARD_DIR)):
-                fix = f"{command('download', 0, data_dir)}, then {fix}"
-            raise MissingDataError(f"no pretokenized shards (*.bin) in {d}: run {fix}")
-        missing = [j for j in json_shards(os.path.join(data_dir, SHARD_DIR))
-                   if not os.path.exists(os.path.join(d, os.path.basename(j)[:-len(".json")] + ".bin"))]
-        if missing:
-            raise DataError(f"{len(missing)} JSON shard(s) have no .bin in {d} (first: {missing[0]}): pretokenize "
-                            f"did not finish, run {command('pretokenize', vocab_size, data_dir)}")
-        if split == "train" and len(paths) < 2:
-            raise DataError(f"{d} holds a single shard, which is the val split: train needs at least two shards")
-        opened = [open_bin(p) for p in (paths[:1] if split == "val" else paths[1:])]
-        shards = [m for m in opened if len(m) > max_seq_len]
-        if not shards:
-            raise DataError(f"every {split} shard in {d} is shorter than max_seq_len + 1 = {max_seq_len + 1} tokens "
-                            f"(longest: {max(len(m) for m in opened)}): lower max_seq_len or pretokenize more stories")
-        self.views = [np.lib.stride_tricks.sliding_window_view(m, max_seq_len + 1) for m in shards]  # no copy
-        self.counts = np.array([len(v) for v in self.views], dtype=np.int64)  # windows per shard
-        self.ends = np.cumsum(self.counts)
-        self.n_windows = int(self.ends[-1])
-        self.n_tokens = int(sum(len(m) for m in shards))
-
-    def gather(self, idx):
-        """(len(idx), max_seq_len + 1) int64 array of the windows with these global indices, one vectorised
-        read per shard involved."""
-        shard = np.searchsorted(self.ends, idx, side="right")
-        start = idx - (self.ends[shard] - self.counts[shard])
-        out = np.empty((len(idx), self.views[0].shape[1]), dtype=np.int64)
-        for s in np.unique(shard):
-            rows = np.flatnonzero(shard == s)
-            out[rows] = self.views[s][start[rows]]
-        return out
-
-
-def split_windows(windows, pin=False):
-    """Split (B, T + 1) windows into inputs x and targets y (x shifted by one): int64 host tensors, in pinned
-    memory when `pin` (so that the copy to a GPU can be non-blocking)."""
-    t = torch.from_numpy(windows)
-    x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()
-    if pin:
-        x, y = x.pin_memory(), y.pin_memory()
-    return x, y
-
-
-def to_device(x, y, device):
-    """x, y on the device; from pinned memory to CUDA the copies are queued without waiting for them."""
-    non_blocking = device.type == "cuda"
-    return x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking)
-
-
-class BatchLoader:
-    """
-    Random training batches: windows chosen uniformly among all valid start positions of the split (a shard with
-    probability proportional to its number of windows, then an offset), gathered a whole batch at a time from
-    memory-mapped shards. The numpy Generator is seeded from (seed, rank), and state_dict()/load_state_dict()
-    carry it so a resumed run draws exactly the batches it would have drawn.
-
-    With prefetch > 0 a background thread draws up to `prefetch` batches ahead (random offsets, memmap reads, pinned
-    host memory on CUDA) while the caller's device works; next_batch() then only queues the copy to the device. The
-    batches, their order and state_dict() are exactly those of prefetch=0: state_dict() is always the generator state
-    before the batch that the next next_batch() returns.
-    """
-
-    def __init__(self, split, batch_size, max_seq_len, vocab_size=0, data_dir="data", device="cpu", seed=0, rank=0,
-                 prefetch=2):
-        self.windows = Windows(split, max_seq_len, vocab_size, data_dir)
-        self.split, self.batch_size, self.device = split, batch_size, torch.device(device)
-        self.n_tokens = self.windows.n_tokens
-        self.rng = np.random.default_rng([seed, rank])
-        self.prefetch = prefetch
-        self.head = None  # (generator state before the batch, x, y): the batch the next next_batch() returns
-        self.thread = self.queue = self.stopping = None
-
-    def draw(self):
-        """(generator state before the batch, x, y on the host): the next batch of the generator."""
-        state = self.rng.bit_generator.state
-        idx = self.rng.integers(self.windows.n_windows, size=self.batch_size)
-        return (state, *split_windows(self.windows.gather(idx), pin=self.device.type == "cuda"))
-
-    def produce(self, batches, stopping):
-        """The prefetch thread: draw batches in order into the bounded queue (an exception is passed on)."""
-        try:
-            while not stopping.is_set():
-                batches.put(self.draw())
-        except Exception as e:  # re-raised by next_batch() in the caller's thread
-            batches.put(e)
-
-    def peek(self):
-        """The batch the next next_batch() returns, drawn now or taken from the prefetch queue."""
-        if self.head is None:
-            if not self.prefetch:
-                self.head = self.draw()
-            else:
-                if self.thread is None:
-                    self.queue, self.stopping = queue.Queue(maxsize=self.prefetch), threading.Event()
-                    self.thread = threading.Thread(target=self.produce, args=(self.queue, self.stopping),
-                                                   name=f"BatchLoader-{self.split}", daemon=True)
-                    self.thread.start()
-                item = self.queue.get()
-                if isinstance(item, Exception):
-                    self.close()
-                    raise item
-                self.head = item
-        return self.head
-
-    def next_batch(self):
-        """x, y: int64 tensors of shape (batch_size, max_seq_len) on the device, y[:, i] == x[:, i + 1]."""
-        _, x, y = self.peek()
-        self.head = None
-        return to_device(x, y, self.device)
-
-    def state_dict(self):
-        """Plain python objects: the generator state (before the next batch) and the size of the data it indexes."""
-        state = self.peek()[0] if self.prefetch else self.rng.bit_generator.state
-        return {"rng": state, "split": self.split, "n_windows": self.windows.n_windows}
-
-    def load_state_dict(self, state):
-        """Continue from a state_dict(); warns if the shards changed since (the batches then differ)."""
-        if (state["split"], state["n_windows"]) != (self.split, self.windows.n_windows):
-            warnings.warn(f"loader state was saved for {state['split']} data with {state['n_windows']:,} windows, "
-                          f"now {self.split} with {self.windows.n_windows:,}: batches will not repeat exactly")
-        self.close()
-        self.head = None
-        self.rng.bit_generator.state = state["rng"]
-
-    def close(self):
-        """Stop the prefetch thread. The batches it drew ahead are given back (the generator is rewound to the first
-        of them), so the sequence continues unchanged; the next call starts a new thread."""
-        if self.thread is None:
-            return
-        self.stopping.set()
-        drawn = []
-        while self.thread.is_alive():  # take what the thread puts, so that it is never stuck on a full queue
-            try:
-                drawn.append(self.queue.get(timeout=0.01))
-            except queue.Empty:
-                pass
-        self.thread.join()
-        while not self.queue.empty():
-            drawn.append(self.queue.get_nowait())
-        batches = [item for item in drawn if not isinstance(item, Exception)]
-        if batches:
-            self.rng.bit_generator.state = batches[0][0]
-        self.thread = self.queue = self.stopping = None
-
-
-def eval_batches(split, batch_size, max_seq_len, n_batches, vocab_size=0, data_dir="data", device="cpu",
-                 rank=0, world_size=1):
-    """
-    Deterministic evaluation batches: n_batches * batch_size windows evenly spaced over the split (no RNG, so the
-    same in every call and run); batch i holds every n_batches-th of them, so each batch spans the whole split.
-    With world_size > 1, batch i goes to rank i % world_size.
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world_size {world_size}")
-    windows = Windows(split, max_seq_len, vocab_size, data_dir)
-    n = n_batches * batch_size
-    idx = (np.arange(n, dtype=np.int64) * windows.n_windows) // max(n, 1)
-    idx = idx.reshape(batch_size, n_batches).T
-    device = torch.device(device)
-    for i in range(rank, n_batches, world_size):
-        yield to_device(*split_windows(windows.gather(idx[i]), pin=device.type == "cuda"), device)
 
 
 # -----------------------------------------------------------------------------

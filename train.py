@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
 import reference
-from tiny_stories_data import BatchLoader, DataError, Tokenizer, check_token_ids, eval_batches, tokenizer_path
+from loader import BatchLoader, LoaderSettings, check_token_ids, eval_batches
+from tokenizer import DataError, Tokenizer, tokenizer_path
 
 DERIVED_FIELDS = ("bias", "n_symbols", "symbol_heads", "max_rel_pos")  # ModelConfig fields that are not flags
 MODEL_FLAGS = tuple(f.name for f in fields(M.ModelConfig) if f.name not in DERIVED_FIELDS)
@@ -585,8 +586,9 @@ def evaluate(model, args, device, autocast, rank, world_size):
     out = {}
     for split in ("train", "val"):
         total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of batch losses, number of batches
-        for x, y in eval_batches(split, args.batch_size, args.max_seq_len, args.eval_iters, args.vocab_size,
-                                 args.data_dir, device, rank, world_size):
+        settings = LoaderSettings(args.batch_size, args.max_seq_len, vocab_size=args.vocab_size,
+                                  data_dir=args.data_dir, device=device, rank=rank, world_size=world_size)
+        for x, y in eval_batches(split, settings, args.eval_iters):
             with autocast:
                 _, loss = model(x, y, return_logits=False)
             total[0] += loss.double()
@@ -714,8 +716,9 @@ def train(args, config, held):
     tokenizer = Tokenizer(tokenizer_path(args.vocab_size, args.data_dir))
     if tokenizer.n_words != config.vocab_size:
         raise RunError(f"{tokenizer.model_path} has {tokenizer.n_words} tokens, the model {config.vocab_size}")
-    loader = BatchLoader("train", args.batch_size, args.max_seq_len, args.vocab_size, args.data_dir, device,
-                         seed=args.seed, rank=rank)
+    loader = BatchLoader("train", LoaderSettings(args.batch_size, args.max_seq_len, vocab_size=args.vocab_size,
+                                                 data_dir=args.data_dir, device=device, seed=args.seed, rank=rank,
+                                                 world_size=world_size))
     check_token_ids(tokenizer, args.vocab_size, args.data_dir)
 
     trainer = Trainer(args, raw_model, kind, model_args, loader, device, dtype, rank, world_size, log)

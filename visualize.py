@@ -20,7 +20,7 @@ from matplotlib.figure import Figure  # drawn without pyplot: no GUI backend, no
 
 from model import LLAMA2_VOCAB_SIZE
 from reference import load_model
-from tiny_stories_data import DataError, Tokenizer, tokenizer_path
+from tokenizer import DataError, Tokenizer, tokenizer_path
 
 MAX_TOKENS = 64
 COLUMNS = 4  # heatmaps per row, at most

@@ -25,6 +25,7 @@ import reference as R
 import sweep
 import tiny_stories_data as D
 import train
+from loader import SHARD_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_LOGS = REPO.parent / "shared" / "data" / "paper_logs" / "tiny_stories_run_histories.csv"
@@ -81,7 +82,7 @@ def make_toy_data(root):
         n, a, p = rng.choice(names), rng.choice(animals), rng.choice(places)
         return f"Once upon a time, there was a {a} named {n}. {n} liked to play in the {p}. The end."
 
-    shards = root / D.SHARD_DIR
+    shards = root / SHARD_DIR
     shards.mkdir(parents=True)
     for i in range(3):
         (shards / f"data{i:02d}.json").write_text(json.dumps([{"story": story()} for _ in range(100)]))

@@ -25,6 +25,8 @@ import torch
 import reference as R
 import tiny_stories_data as D
 import train
+from loader import SHARD_DIR, LoaderSettings, eval_batches
+from tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 300
@@ -55,7 +57,7 @@ def data_dir(tmp_path_factory):
         return (f"Once upon a time, there was a {a} named {n}. {n} liked to {v} in the {p}. "
                 f"One day, {n} went to the {p} to {v}. It was fun. The end.")
 
-    shards = root / D.SHARD_DIR
+    shards = root / SHARD_DIR
     shards.mkdir()
     for i in range(3):
         (shards / f"data{i:02d}.json").write_text(json.dumps([{"story": story()} for _ in range(100)]))
@@ -229,7 +231,7 @@ def test_temperature_zero_samples_greedily_and_sample_tokens_zero_skips(data_dir
                                              2, "--eval_interval", 2, "--temperature", 0, "--sample_tokens", 5))
     assert code == 0
     model = R.model_from_checkpoint(load_ckpt(the_run_dir(tmp_path / "greedy")))  # the final weights
-    tokenizer = D.Tokenizer(os.path.join(data_dir, f"tok{VOCAB}.model"))
+    tokenizer = Tokenizer(os.path.join(data_dir, f"tok{VOCAB}.model"))
     with torch.no_grad():
         for prompt in train.PROMPTS[:4]:
             idx = torch.tensor([tokenizer.encode(prompt)])
@@ -706,7 +708,7 @@ def test_a_reference_checkpoint_evaluates_and_resumes(data_dir, tmp_path, capsys
 
 
 def eval_windows(data_dir):
-    return D.eval_batches("val", 8, 32, 2, vocab_size=VOCAB, data_dir=data_dir)
+    return eval_batches("val", LoaderSettings(8, 32, vocab_size=VOCAB, data_dir=data_dir), 2)
 
 
 # -----------------------------------------------------------------------------

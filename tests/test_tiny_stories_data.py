@@ -1,6 +1,6 @@
 """
-Tests of tiny_stories_data.py: download (against a real HTTP server on 127.0.0.1), pretokenize, train_vocab,
-the batch loader and the command line. The core tests run on a SentencePiece model trained here, in seconds, on
+Tests of tiny_stories_data.py: download (against a real HTTP server on 127.0.0.1), pretokenize, train_vocab
+and the command line. The core tests run on a SentencePiece model trained here, in seconds, on
 stories generated below; tests that need the real Llama 2 tokenizer or real stories read ../shared/data and skip
 when it is absent.
 """
@@ -13,7 +13,6 @@ import io
 import itertools
 import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -33,6 +32,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import tiny_stories_data as tsd  # noqa: E402
+from loader import SHARD_DIR, json_shards  # noqa: E402
+from tokenizer import DataError, Tokenizer  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VOCAB = 384
@@ -108,7 +109,7 @@ def tiny_tok(tmp_path_factory):
     """A SentencePiece BPE model of VOCAB pieces trained by train_vocab on generated stories: (data_dir, model)."""
     data_dir = tmp_path_factory.mktemp("vocab")
     stories = make_stories(400)
-    write_shards(data_dir / tsd.SHARD_DIR, [stories[:200], stories[200:]])
+    write_shards(data_dir / SHARD_DIR, [stories[:200], stories[200:]])
     tsd.train_vocab(VOCAB, str(data_dir), num_shards=2)
     return data_dir, str(data_dir / f"tok{VOCAB}.model")
 
@@ -185,7 +186,7 @@ def test_download_full(server, tiny_tok, tmp_path, capsys):
     data_dir, tok = tmp_path / "data", tmp_path / "tokenizer.model"
     tsd.download(str(data_dir), tokenizer_model=str(tok), **kw)
     for name, data in members.items():
-        assert (data_dir / tsd.SHARD_DIR / name).read_bytes() == data
+        assert (data_dir / SHARD_DIR / name).read_bytes() == data
     assert (data_dir / "TinyStories_all_data.tar.gz").read_bytes() == archive
     assert tok.read_bytes() == Path(tiny_tok[1]).read_bytes()
     assert leftovers(tmp_path) == []
@@ -206,19 +207,19 @@ def test_download_resumes_interrupted_transfer(server, tiny_tok, tmp_path):
     cut = len(archive) // 2
     server["cuts"] = [cut]
     data_dir = tmp_path / "data"
-    with pytest.raises(tsd.DataError, match="resume") as e:
+    with pytest.raises(DataError, match="resume") as e:
         tsd.download(str(data_dir), tokenizer_model=str(tmp_path / "tok.model"), **kw)
     assert_one_line(e.value)
     part = data_dir / "TinyStories_all_data.tar.gz.part"
     assert part.stat().st_size == received(cut) > 0
     assert part.read_bytes() == archive[:received(cut)]
     assert not (data_dir / "TinyStories_all_data.tar.gz").exists()
-    assert not (data_dir / tsd.SHARD_DIR).exists()
+    assert not (data_dir / SHARD_DIR).exists()
 
     tsd.download(str(data_dir), tokenizer_model=str(tmp_path / "tok.model"), **kw)
     assert archive_requests(server) == [None, f"bytes={received(cut)}-"]
     assert (data_dir / "TinyStories_all_data.tar.gz").read_bytes() == archive
-    assert len(tsd.json_shards(str(data_dir / tsd.SHARD_DIR))) == 3
+    assert len(json_shards(str(data_dir / SHARD_DIR))) == 3
     assert leftovers(tmp_path) == []
 
 
@@ -264,7 +265,7 @@ def test_download_rejects_corrupted_archive(server, tiny_tok, tmp_path, damage):
         archive = bytearray(b"<html>Service unavailable</html>")
     kw = serve(server, bytes(archive), tiny_tok)
     data_dir = tmp_path / "data"
-    with pytest.raises(tsd.DataError, match="not a valid .tar.gz|data after the end of the tar") as e:
+    with pytest.raises(DataError, match="not a valid .tar.gz|data after the end of the tar") as e:
         tsd.download(str(data_dir), tokenizer_model=str(tmp_path / "tok.model"), **kw)
     assert_one_line(e.value)
     assert os.listdir(data_dir) == []  # no shards, no archive, no .part, no temporary directory
@@ -300,7 +301,7 @@ def unsafe_archive(kind, tmp_path):
 def test_download_rejects_escaping_member(tiny_tok, tmp_path, kind):
     path = unsafe_archive(kind, tmp_path)
     data_dir = tmp_path / "data"
-    with pytest.raises(tsd.DataError, match="unsafe archive member") as e:
+    with pytest.raises(DataError, match="unsafe archive member") as e:
         tsd.download(str(data_dir), source=str(path), tokenizer_model=tiny_tok[1])
     assert_one_line(e.value)
     assert not (tmp_path / "evil.json").exists()
@@ -318,7 +319,7 @@ def test_download_completes_a_finished_part_file(server, tiny_tok, tmp_path):
     tsd.download(str(data_dir), tokenizer_model=tiny_tok[1], **kw)
     assert archive_requests(server) == [f"bytes={len(archive)}-"]  # answered 416, nothing left to send
     assert (data_dir / "TinyStories_all_data.tar.gz").read_bytes() == archive
-    assert len(tsd.json_shards(str(data_dir / tsd.SHARD_DIR))) == 2
+    assert len(json_shards(str(data_dir / SHARD_DIR))) == 2
 
 
 def test_download_is_idempotent(server, tiny_tok, tmp_path, capsys):
@@ -340,7 +341,7 @@ def test_download_unpacks_an_already_downloaded_archive(server, tiny_tok, tmp_pa
     data_dir.mkdir()
     (data_dir / "TinyStories_all_data.tar.gz").write_bytes(tar_gz(shard_members()))
     tsd.download(str(data_dir), tokenizer_model=tiny_tok[1], **kw)
-    assert len(tsd.json_shards(str(data_dir / tsd.SHARD_DIR))) == 2
+    assert len(json_shards(str(data_dir / SHARD_DIR))) == 2
     assert server["requests"] == []
 
 
@@ -348,17 +349,17 @@ def test_fetch_tokenizer_checks_sha256(server, tiny_tok, tmp_path):
     model = Path(tiny_tok[1]).read_bytes()
     server["files"]["tokenizer.model"] = model
     url, dest = server["url"] + "tokenizer.model", tmp_path / "tokenizer.model"
-    with pytest.raises(tsd.DataError, match="sha256") as e:
+    with pytest.raises(DataError, match="sha256") as e:
         tsd.fetch_tokenizer(str(dest), url, sha256="0" * 64, timeout=5, retries=0, backoff=0)
     assert_one_line(e.value)
     assert os.listdir(tmp_path) == []
     tsd.fetch_tokenizer(str(dest), url, sha256=hashlib.sha256(model).hexdigest(), timeout=5, retries=0, backoff=0)
     assert dest.read_bytes() == model
-    assert tsd.Tokenizer(str(dest)).n_words == VOCAB
+    assert Tokenizer(str(dest)).n_words == VOCAB
 
 
 def test_download_http_error_is_one_line(server, tiny_tok, tmp_path):
-    with pytest.raises(tsd.DataError, match="HTTP 404") as e:
+    with pytest.raises(DataError, match="HTTP 404") as e:
         tsd.download(str(tmp_path / "data"), source=server["url"] + "missing.tar.gz",
                      tokenizer_model=tiny_tok[1], timeout=5, retries=0, backoff=0)
     assert_one_line(e.value)
@@ -372,7 +373,7 @@ def test_txt_source_splits_into_shards(tiny_tok, tmp_path):
     data_dir = tmp_path / "data"
     tsd.download(str(data_dir), source=str(tmp_path / "stories.txt"), tokenizer_model=tiny_tok[1],
                  stories_per_shard=4)
-    shards = tsd.json_shards(str(data_dir / tsd.SHARD_DIR))
+    shards = json_shards(str(data_dir / SHARD_DIR))
     assert [os.path.basename(s) for s in shards] == ["data00.json", "data01.json", "data02.json"]
     records = [json.loads(Path(s).read_text(encoding="utf-8")) for s in shards]
     assert [len(r) for r in records] == [4, 4, 3]
@@ -394,15 +395,15 @@ def test_directory_source_is_copied(tiny_tok, tmp_path):
     data_dir = tmp_path / "data"
     tsd.download(str(data_dir), source=str(src), tokenizer_model=tiny_tok[1])
     for name in ("data00.json", "data01.json"):
-        assert (data_dir / tsd.SHARD_DIR / name).read_bytes() == (src / name).read_bytes()
+        assert (data_dir / SHARD_DIR / name).read_bytes() == (src / name).read_bytes()
 
 
 # -----------------------------------------------------------------------------
-# tokenizer, train_vocab, pretokenize
+# train_vocab, pretokenize
 
 def test_train_vocab_model(tiny_tok):
     data_dir, model = tiny_tok
-    enc = tsd.Tokenizer(model)
+    enc = Tokenizer(model)
     assert (enc.n_words, enc.bos_id, enc.eos_id) == (VOCAB, 1, 2)
     assert os.path.exists(data_dir / f"tok{VOCAB}.vocab")
     assert not os.path.exists(data_dir / "tiny.txt")  # the temporary text is deleted by default
@@ -417,15 +418,15 @@ def test_train_vocab_model(tiny_tok):
 
 
 def test_train_vocab_keep_text(tmp_path):
-    write_shards(tmp_path / tsd.SHARD_DIR, [make_stories(150, seed=4)])
+    write_shards(tmp_path / SHARD_DIR, [make_stories(150, seed=4)])
     tsd.train_vocab(320, str(tmp_path), num_shards=1, keep_text=True)
     assert (tmp_path / "tok320.model").exists()
     assert (tmp_path / "tiny.txt").read_text(encoding="utf-8").startswith(make_stories(1, seed=4)[0].strip())
 
 
 def test_train_vocab_error_is_one_line(tmp_path):
-    write_shards(tmp_path / tsd.SHARD_DIR, [["Hi there."] * 5])
-    with pytest.raises(tsd.DataError, match="SentencePiece") as e:
+    write_shards(tmp_path / SHARD_DIR, [["Hi there."] * 5])
+    with pytest.raises(DataError, match="SentencePiece") as e:
         tsd.train_vocab(5000, str(tmp_path), num_shards=1)
     assert_one_line(e.value)
     assert not (tmp_path / "tok5000.model").exists() and leftovers(tmp_path) == []
@@ -438,7 +439,7 @@ def expected_tokens(stories, sp):
 
 def test_pretokenize_equals_sentencepiece_with_bos(tiny_tok, tmp_path):
     shards = [make_stories(30, seed=5), make_stories(17, seed=6), make_stories(1, seed=7)]
-    write_shards(tmp_path / tsd.SHARD_DIR, shards)
+    write_shards(tmp_path / SHARD_DIR, shards)
     shutil.copy(tiny_tok[1], tmp_path)
     n = tsd.pretokenize(VOCAB, str(tmp_path), workers=2)
     sp = spm.SentencePieceProcessor(model_file=tiny_tok[1])
@@ -448,15 +449,15 @@ def test_pretokenize_equals_sentencepiece_with_bos(tiny_tok, tmp_path):
         assert got.tolist() == expected_tokens(stories, sp)
         total += got.size
     assert n == total
-    assert not list((tmp_path / tsd.SHARD_DIR).glob("*.bin"))
+    assert not list((tmp_path / SHARD_DIR).glob("*.bin"))
     assert leftovers(tmp_path) == []
 
 
 def test_pretokenize_vocab0_writes_next_to_shards(tiny_tok, tmp_path):
     stories = make_stories(3, seed=8)
-    write_shards(tmp_path / tsd.SHARD_DIR, [stories])
+    write_shards(tmp_path / SHARD_DIR, [stories])
     tsd.pretokenize(0, str(tmp_path), workers=1, tokenizer_model=tiny_tok[1])
-    got = np.fromfile(tmp_path / tsd.SHARD_DIR / "data00.bin", dtype=np.uint16)
+    got = np.fromfile(tmp_path / SHARD_DIR / "data00.bin", dtype=np.uint16)
     assert got.tolist() == expected_tokens(stories, spm.SentencePieceProcessor(model_file=tiny_tok[1]))
 
 
@@ -465,24 +466,24 @@ def test_pretokenize_real_stories_with_llama2_tokenizer(tmp_path):
     text = (SHARED_DATA / "TinyStories-train.head-2MiB.txt").read_text(encoding="utf-8")
     stories = text.split("<|endoftext|>")[:-1]  # the text after the last marker is an unfinished story
     assert len(stories) == 2316
-    write_shards(tmp_path / tsd.SHARD_DIR, [stories[i:i + 600] for i in range(0, len(stories), 600)])
+    write_shards(tmp_path / SHARD_DIR, [stories[i:i + 600] for i in range(0, len(stories), 600)])
     model = str(SHARED_DATA / "tokenizer.model")
     assert tsd.pretokenize(0, str(tmp_path), workers=2, tokenizer_model=model) == 544_652  # see shared/data/README
     sp = spm.SentencePieceProcessor(model_file=model)
     for i in (0, 3):
-        got = np.fromfile(tmp_path / tsd.SHARD_DIR / f"data{i:02d}.bin", dtype=np.uint16)
+        got = np.fromfile(tmp_path / SHARD_DIR / f"data{i:02d}.bin", dtype=np.uint16)
         assert got.tolist() == expected_tokens(stories[i * 600:(i + 1) * 600], sp)
-    enc = tsd.Tokenizer(model)
+    enc = Tokenizer(model)
     assert (enc.n_words, enc.bos_id, enc.eos_id) == (32000, 1, 2)
     assert enc.encode("Once upon a time, there was a little girl named Lily.", bos=False) == [
         9038, 2501, 263, 931, 29892, 727, 471, 263, 2217, 7826, 4257, 365, 2354, 29889]
 
 
 def test_pretokenize_rejects_shard_without_story(tiny_tok, tmp_path):
-    write_shards(tmp_path / tsd.SHARD_DIR, [["Fine."], ["Fine too."]])
-    (tmp_path / tsd.SHARD_DIR / "data01.json").write_text(json.dumps([{"story": "ok"}, {"text": "no story"}]))
+    write_shards(tmp_path / SHARD_DIR, [["Fine."], ["Fine too."]])
+    (tmp_path / SHARD_DIR / "data01.json").write_text(json.dumps([{"story": "ok"}, {"text": "no story"}]))
     shutil.copy(tiny_tok[1], tmp_path)
-    with pytest.raises(tsd.DataError, match=r"data01.json: record 1 has no 'story' field") as e:
+    with pytest.raises(DataError, match=r"data01.json: record 1 has no 'story' field") as e:
         tsd.pretokenize(VOCAB, str(tmp_path), workers=2)
     assert_one_line(e.value)
     assert not (tmp_path / f"tok{VOCAB}" / "data01.bin").exists()
@@ -490,31 +491,20 @@ def test_pretokenize_rejects_shard_without_story(tiny_tok, tmp_path):
 
 
 def test_pretokenize_rejects_invalid_json(tiny_tok, tmp_path):
-    (tmp_path / tsd.SHARD_DIR).mkdir()
-    (tmp_path / tsd.SHARD_DIR / "data00.json").write_text('[{"story": "cut')
+    (tmp_path / SHARD_DIR).mkdir()
+    (tmp_path / SHARD_DIR / "data00.json").write_text('[{"story": "cut')
     shutil.copy(tiny_tok[1], tmp_path)
-    with pytest.raises(tsd.DataError, match="not valid JSON") as e:
+    with pytest.raises(DataError, match="not valid JSON") as e:
         tsd.pretokenize(VOCAB, str(tmp_path), workers=1)
     assert_one_line(e.value)
 
 
 def test_vocab_over_uint16_is_refused(tmp_path):
-    write_shards(tmp_path / tsd.SHARD_DIR, [["A story."]])
+    write_shards(tmp_path / SHARD_DIR, [["A story."]])
     for stage in (tsd.pretokenize, tsd.train_vocab):
-        with pytest.raises(tsd.DataError, match="65,535"):
+        with pytest.raises(DataError, match="65,535"):
             stage(70_000, str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == [tsd.SHARD_DIR]
-
-
-def test_missing_tokenizer_says_which_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match=re.escape(f"train_vocab --vocab_size 512 --data_dir {tmp_path}`")) as e:
-        tsd.Tokenizer(str(tmp_path / "tok512.model"))
-    assert isinstance(e.value, tsd.DataError)
-    assert_one_line(e.value)
-    with pytest.raises(FileNotFoundError, match="tiny_stories_data.py download"):
-        tsd.Tokenizer(str(tmp_path / "tokenizer.model"))
-    assert tsd.tokenizer_path(0) == tsd.TOKENIZER_MODEL == str(REPO / "tokenizer.model")
-    assert tsd.tokenizer_path(512, "d") == os.path.join("d", "tok512.model")
+    assert sorted(os.listdir(tmp_path)) == [SHARD_DIR]
 
 
 # -----------------------------------------------------------------------------
@@ -530,7 +520,7 @@ def cli_case(case, tmp_path):
     if case == "no shards":
         return ["pretokenize"], "run `python tiny_stories_data.py download` first"
     if case == "missing tokenizer":
-        write_shards(tmp_path / "data" / tsd.SHARD_DIR, [["A story."]])
+        write_shards(tmp_path / "data" / SHARD_DIR, [["A story."]])
         return ["pretokenize", "--vocab_size", "512"], "run `python tiny_stories_data.py train_vocab --vocab_size 512`"
     if case == "train_vocab without shards":
         return ["train_vocab", "--vocab_size", "512"], "run `python tiny_stories_data.py download` first"
@@ -591,7 +581,7 @@ def busy_data(tmp_path_factory, tiny_tok):
     if not Path("/proc/self/stat").exists():
         pytest.skip("needs /proc to find the worker processes")
     data_dir = tmp_path_factory.mktemp("busy")
-    write_shards(data_dir / tsd.SHARD_DIR, [make_stories(3000, seed=9)] * 8)
+    write_shards(data_dir / SHARD_DIR, [make_stories(3000, seed=9)] * 8)
     shutil.copy(tiny_tok[1], data_dir)
     return data_dir
 
@@ -658,7 +648,7 @@ def test_download_killed_mid_split_leaves_nothing_for_good(tiny_tok, tmp_path):
     proc.wait(timeout=30)
     assert temp[0].exists()  # what the killed run left
     tsd.download(str(data_dir), source=str(tmp_path / "s.txt"), tokenizer_model=tiny_tok[1], stories_per_shard=10)
-    shards = tsd.json_shards(str(data_dir / tsd.SHARD_DIR))
+    shards = json_shards(str(data_dir / SHARD_DIR))
     assert len(shards) == 150 and tsd.read_stories(shards[-1])[-1] == stories[-1].strip()
     assert leftovers(data_dir) == []
 
@@ -672,182 +662,3 @@ def test_cli_help_lists_options(capsys):
     for option in ("--data_dir", "--source", "--tokenizer_url", "--tokenizer_sha256", "--stories_per_shard",
                    "--timeout", "--retries", "--workers", "--num_shards", "--keep_text", "--vocab_size"):
         assert option in out
-
-
-# -----------------------------------------------------------------------------
-# batch loader
-
-def write_bins(directory, lengths):
-    """uint16 shards whose tokens name their place: shard k, offset j holds k * 10000 + j."""
-    os.makedirs(directory, exist_ok=True)
-    shards = []
-    for k, n in enumerate(lengths):
-        tokens = (k * 10000 + np.arange(n)).astype(np.uint16)
-        tokens.tofile(os.path.join(directory, f"data{k:02d}.bin"))
-        shards.append(tokens.astype(np.int64))
-    return shards
-
-
-def check_windows(x, y, shards, allowed, T):
-    """Every row of x, y is shards[k][o:o + T], shards[k][o + 1:o + T + 1] for an allowed k; returns the (k, o)."""
-    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape and x.shape[1] == T
-    assert x.is_contiguous() and y.is_contiguous()
-    places = []
-    for xr, yr in zip(x.numpy(), y.numpy()):
-        k, o = divmod(int(xr[0]), 10000)
-        assert k in allowed
-        assert np.array_equal(xr, shards[k][o:o + T]) and np.array_equal(yr, shards[k][o + 1:o + T + 1])
-        places.append((k, o))
-    return places
-
-
-def test_loader_windows_are_exact_slices(tmp_path):
-    T = 64
-    shards = write_bins(tmp_path / tsd.SHARD_DIR, [500, 300, 700, T])  # the last is too short for a window
-    train = tsd.BatchLoader("train", 16, T, data_dir=str(tmp_path))
-    val = tsd.BatchLoader("val", 16, T, data_dir=str(tmp_path))
-    assert train.n_tokens == 1000 and val.n_tokens == 500
-    for _ in range(20):
-        check_windows(*train.next_batch(), shards, {1, 2}, T)
-        check_windows(*val.next_batch(), shards, {0}, T)
-
-
-def test_loader_is_uniform_over_start_positions(tmp_path):
-    T = 32
-    shards = write_bins(tmp_path / tsd.SHARD_DIR, [100, T + 5, T + 15])  # 5 and 15 windows
-    loader = tsd.BatchLoader("train", 500, T, data_dir=str(tmp_path), seed=1)
-    places = [p for _ in range(8) for p in check_windows(*loader.next_batch(), shards, {1, 2}, T)]
-    assert set(places) == {(1, o) for o in range(5)} | {(2, o) for o in range(15)}
-    share = sum(k == 2 for k, _ in places) / len(places)
-    assert abs(share - 0.75) < 0.03
-
-
-def test_loader_state_reproduces_batches(tmp_path):
-    write_bins(tmp_path / tsd.SHARD_DIR, [300, 400, 500])
-    make = lambda **kw: tsd.BatchLoader("train", 8, 16, data_dir=str(tmp_path), **kw)  # noqa: E731
-    a = make(seed=3, rank=1)
-    first = [a.next_batch() for _ in range(3)]
-    state = a.state_dict()
-    buf = io.BytesIO()
-    torch.save(pickle.loads(pickle.dumps(state)), buf)  # as train.py stores it in a checkpoint
-    buf.seek(0)
-    state = torch.load(buf, weights_only=True)
-    expected = [a.next_batch() for _ in range(5)]
-    b = make(seed=99, rank=0)
-    b.load_state_dict(state)
-    for (x, y), (xe, ye) in zip([b.next_batch() for _ in range(5)], expected):
-        assert torch.equal(x, xe) and torch.equal(y, ye)
-    c = make(seed=3, rank=1)  # same seed and rank: same stream from the start
-    assert all(torch.equal(c.next_batch()[0], x) for x, _ in first)
-
-
-def loader_trace(loader, n):
-    """n batches, each with the state_dict() taken before it, and a load_state_dict() round trip every third
-    batch (as a resumed run does), as comparable tuples."""
-    trace = []
-    for i in range(n):
-        state = loader.state_dict()
-        if i % 3 == 2:
-            loader.load_state_dict(state)
-        x, y = loader.next_batch()
-        trace.append((state, x.tolist(), y.tolist()))
-    return trace
-
-
-def test_prefetch_keeps_the_batch_sequence_and_state(tmp_path):
-    write_bins(tmp_path / tsd.SHARD_DIR, [300, 400, 500])
-    make = lambda prefetch: tsd.BatchLoader("train", 8, 16, data_dir=str(tmp_path), seed=5,  # noqa: E731
-                                            prefetch=prefetch)
-    expected = loader_trace(make(0), 12)
-    for prefetch in (1, 3):
-        loader = make(prefetch)
-        assert loader_trace(loader, 12) == expected
-        loader.close()
-    loader = make(3)
-    loader.next_batch()
-    while not loader.queue.full():  # the thread has drawn 3 batches ahead of the caller
-        threading.Event().wait(0.001)
-    assert loader.rng.bit_generator.state != loader.state_dict()["rng"]
-    loader.close()  # the batches drawn ahead are given back: the generator is back before batch 2 (1 is held)
-    assert loader.thread is None and loader.rng.bit_generator.state == expected[2][0]["rng"]
-    assert loader_trace(loader, 11) == expected[1:]
-    loader.close()
-
-
-def test_prefetch_passes_errors_on(tmp_path):
-    write_bins(tmp_path / tsd.SHARD_DIR, [300, 400])
-    loader = tsd.BatchLoader("train", 4, 16, data_dir=str(tmp_path), prefetch=2)
-    gather, calls = loader.windows.gather, []
-
-    def failing_gather(idx):
-        calls.append(idx)
-        if len(calls) == 3:
-            raise OSError("disk gone")
-        return gather(idx)
-
-    loader.windows.gather = failing_gather
-    loader.next_batch(), loader.next_batch()
-    with pytest.raises(OSError, match="disk gone"):
-        loader.next_batch()
-    assert loader.thread is None
-
-
-def test_loader_seeds_differ_per_rank_and_seed(tmp_path):
-    write_bins(tmp_path / tsd.SHARD_DIR, [300, 5000])
-    first = {(s, r): tsd.BatchLoader("train", 8, 16, data_dir=str(tmp_path), seed=s, rank=r).next_batch()[0]
-             for s, r in [(0, 0), (0, 1), (1, 0)]}
-    assert not torch.equal(first[0, 0], first[0, 1]) and not torch.equal(first[0, 0], first[1, 0])
-
-
-def test_loader_custom_vocab_directory(tmp_path):
-    write_bins(tmp_path / f"tok{VOCAB}", [100, 100])
-    assert tsd.BatchLoader("train", 2, 8, vocab_size=VOCAB, data_dir=str(tmp_path)).n_tokens == 100
-    with pytest.raises(FileNotFoundError, match="pretokenize"):
-        tsd.BatchLoader("train", 2, 8, vocab_size=0, data_dir=str(tmp_path))
-
-
-def test_loader_errors(tmp_path):
-    download_then_pretokenize = "run `python tiny_stories_data.py download.*, then .*pretokenize"
-    with pytest.raises(tsd.MissingDataError, match=download_then_pretokenize) as e:
-        tsd.BatchLoader("train", 4, 8, data_dir=str(tmp_path))
-    assert_one_line(e.value)
-    write_shards(tmp_path / tsd.SHARD_DIR, [["A story."]])
-    with pytest.raises(tsd.MissingDataError, match=r"run `python tiny_stories_data.py pretokenize --data_dir"):
-        tsd.BatchLoader("val", 4, 8, data_dir=str(tmp_path))
-    write_bins(tmp_path / tsd.SHARD_DIR, [100])
-    write_shards(tmp_path / tsd.SHARD_DIR, [["A story."], ["Another."]])  # an unfinished pretokenize
-    with pytest.raises(tsd.DataError, match=r"1 JSON shard\(s\) have no .bin .*data01.json.*pretokenize") as e:
-        tsd.BatchLoader("val", 4, 8, data_dir=str(tmp_path))
-    assert_one_line(e.value)
-    (tmp_path / tsd.SHARD_DIR / "data01.json").unlink()
-    with pytest.raises(tsd.DataError, match="single shard"):
-        tsd.BatchLoader("train", 4, 8, data_dir=str(tmp_path))
-    write_bins(tmp_path / tsd.SHARD_DIR, [100, 20, 30])
-    with pytest.raises(tsd.DataError, match=r"every train shard .* shorter than max_seq_len \+ 1 = 33 tokens") as e:
-        tsd.BatchLoader("train", 4, 32, data_dir=str(tmp_path))
-    assert_one_line(e.value)
-    assert tsd.BatchLoader("train", 4, 29, data_dir=str(tmp_path)).n_tokens == 30  # 30 tokens: exactly one window
-    (tmp_path / tsd.SHARD_DIR / "data02.bin").write_bytes(b"")  # an empty shard is skipped, not a crash
-    with pytest.raises(tsd.DataError, match="shorter than"):
-        tsd.BatchLoader("train", 4, 29, data_dir=str(tmp_path))
-    (tmp_path / tsd.SHARD_DIR / "data02.bin").write_bytes(b"abc")  # not uint16 tokens
-    with pytest.raises(tsd.DataError, match="odd number of bytes"):
-        tsd.BatchLoader("train", 4, 29, data_dir=str(tmp_path))
-
-
-def test_eval_batches_are_deterministic_and_shared_across_ranks(tmp_path):
-    T = 16
-    shards = write_bins(tmp_path / tsd.SHARD_DIR, [1000, 400, 800])
-    kw = dict(data_dir=str(tmp_path))
-    single = list(tsd.eval_batches("train", 4, T, 5, **kw))
-    assert len(single) == 5
-    again = list(tsd.eval_batches("train", 4, T, 5, **kw))
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(single, again))
-    places = [p for x, y in single for p in check_windows(x, y, shards, {1, 2}, T)]
-    assert len(set(places)) == 20  # distinct windows
-    assert all({k for k, _ in places[i:i + 4]} == {1, 2} for i in range(0, 20, 4))  # each batch spans the split
-    ranks = [list(tsd.eval_batches("train", 4, T, 5, rank=r, world_size=2, **kw)) for r in (0, 1)]
-    assert [len(r) for r in ranks] == [3, 2]
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(ranks[0] + ranks[1], single[0::2] + single[1::2]))
-    val = list(tsd.eval_batches("val", 2, T, 3, **kw))
-    assert all(int(x[0, 0]) // 10000 == 0 for x, _ in val)
