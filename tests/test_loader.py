@@ -1,6 +1,6 @@
 """
 Tests of loader.py: the windows of the uint16 shards, BatchLoader (uniform windows, resumable state, prefetch),
-eval_batches and the one-line errors of missing or bad shards.
+eval_batches, the token-id check, the one-line errors of missing or bad shards, and what importing it loads.
 The shards are written here, with tokens that name their place.
 """
 
@@ -8,16 +8,21 @@ import io
 import json
 import os
 import pickle
+import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from loader import SHARD_DIR, BatchLoader, LoaderSettings, eval_batches
+from loader import SHARD_DIR, BatchLoader, LoaderSettings, check_token_ids, eval_batches
 from tokenizer import DataError, MissingDataError
 
+REPO = Path(__file__).resolve().parents[1]
 VOCAB = 384
 
 
@@ -198,7 +203,7 @@ def test_loader_errors(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# eval_batches
+# eval_batches, settings, token ids
 
 def test_eval_batches_are_deterministic_and_shared_across_ranks(tmp_path):
     T = 16
@@ -215,3 +220,36 @@ def test_eval_batches_are_deterministic_and_shared_across_ranks(tmp_path):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(ranks[0] + ranks[1], single[0::2] + single[1::2]))
     val = list(eval_batches("val", settings(tmp_path, 2, T), 3))
     assert all(int(x[0, 0]) // 10000 == 0 for x, _ in val)
+
+
+def test_settings_take_all_but_the_batch_shape_by_keyword_and_check_the_rank():
+    assert LoaderSettings(4, 8) == LoaderSettings(batch_size=4, max_seq_len=8, vocab_size=0, data_dir="data",
+                                                  device="cpu", seed=0, rank=0, world_size=1, prefetch=2)
+    with pytest.raises(TypeError):
+        LoaderSettings(4, 8, 512)  # a vocab_size that reads like a third dimension
+    for rank, world_size in ((1, 1), (-1, 2), (2, 2)):
+        with pytest.raises(ValueError, match=f"rank {rank} outside world_size {world_size}"):
+            LoaderSettings(4, 8, rank=rank, world_size=world_size)
+
+
+def test_check_token_ids_names_the_shard_and_the_fix(tmp_path):
+    write_bins(tmp_path / f"tok{VOCAB}", [100, 1, 0])  # shard 1 holds id 10000, shard 2 is empty
+    check_token_ids(SimpleNamespace(n_words=10001, model_path="big.model"), VOCAB, str(tmp_path))
+    fix = re.escape(f"run `python tiny_stories_data.py pretokenize --vocab_size {VOCAB} --data_dir {tmp_path}` again")
+    with pytest.raises(DataError, match=f"data01.bin holds token id 10000, outside the 10,000 tokens of small.model: "
+                                        f"it was pretokenized with another tokenizer; {fix}") as e:
+        check_token_ids(SimpleNamespace(n_words=10000, model_path="small.model"), VOCAB, str(tmp_path))
+    assert_one_line(e.value)
+
+
+def test_import_loads_neither_the_preparation_tool_nor_its_download_code():
+    """In a fresh interpreter: numpy and torch (torch itself imports tarfile, gzip, hashlib and tqdm) are imported,
+    the download tool's modules are forgotten, then `import loader` must load none of them again."""
+    tool = ["requests", "urllib3", "tarfile", "gzip", "hashlib", "tqdm", "concurrent.futures", "tiny_stories_data"]
+    code = (f"import sys, numpy, torch\n"
+            f"tool = {tool!r}\n"
+            f"for name in tool: sys.modules.pop(name, None)\n"
+            f"import loader\n"
+            f"print(' '.join(name for name in tool if name in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == []
