@@ -606,7 +606,7 @@ def wait_gone(pids, seconds=5):
 
 
 def test_pretokenize_workers_die_with_a_killed_parent(busy_data):
-    """kill -9 of pretokenize: its workers exit too (they were left hanging forever); the next run cleans up what
+    """kill -9 of pretokenize: its workers exit too instead of waiting forever for work; the next run cleans up what
     they were writing and finishes."""
     proc, workers = start_pretokenize(busy_data)
     proc.kill()
