@@ -60,7 +60,8 @@ def test_load_model_reads_every_source_and_refuses_what_is_not_a_model(tmp_path)
 
 
 def test_a_run_directory_is_read_from_its_checkpoint_not_its_config_json(trained_run):
-    """A run directory of ours holds config.json (train.py's settings, not a Hugging Face config) next to ckpt.pt."""
+    """A run directory of ours holds config.json (train.py's settings, not a Hugging Face config) next to its
+    checkpoint: the loader reads the checkpoint."""
     assert os.path.isfile(os.path.join(trained_run, "config.json"))
     model, ckpt = load_model(trained_run)
     assert ckpt["iter_num"] == 4 and model.config == R.config_from_checkpoint(load_ckpt(trained_run))
