@@ -21,7 +21,7 @@ import time
 import torch
 
 import model as M
-import train
+import runtime
 
 MODELS = {
     "dat_d64_L4_symattn": dict(sa=4, ra=4, symbol_type="symbolic_attention", ra_type="relational_attention"),
@@ -48,11 +48,11 @@ def time_generation(model, batch, new_tokens, mode, device, autocast, repeats):
     for run in range(repeats + 1):
         torch.manual_seed(run)
         n = new_tokens if run > 0 else min(8, new_tokens)
-        train.synchronize(device)
+        runtime.synchronize(device)
         start = time.perf_counter()
         with autocast:
             out = model.generate(prompt, n, **MODES[mode])
-        train.synchronize(device)
+        runtime.synchronize(device)
         if run > 0:
             best = min(best, time.perf_counter() - start)
         assert out.shape == (batch, 1 + n)

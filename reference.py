@@ -1,12 +1,13 @@
 """
-The one boundary to the authors' code: their constructor keyword arguments (`model_args`, as their train.py
-builds them and stores them in checkpoints) of both eras, their state-dict names, and checkpoint loading.
-Nothing else in the project uses their names; inside, a model is a ModelConfig (model.py).
+The authors' format, and the one boundary to their code: their constructor keyword arguments (`model_args`, as
+their train.py builds them and stores them in checkpoints) of both eras, their state-dict names, the contents of
+their checkpoints and their Hugging Face directories. Nothing else in the project uses their names; inside, a model
+is a ModelConfig (model.py). Finding and reading files is checkpoints.py's job (checkpoints.load_model).
 
     model_args_from_flags(flags, arch)  train.py flags -> (kind, model_args), exactly as the authors' train.py
     from_reference(kind, model_args, state_dict, arch)  their (kind, model_args) [+ weights] -> our model
-    model_from_checkpoint(ckpt)         a checkpoint of theirs or ours, either arch -> our model
-    load_model(path)                    a run directory, ckpt.pt, Hugging Face directory or hub id -> our model
+    model_from_checkpoint(ckpt)         a checkpoint's contents (theirs or ours, either arch) -> our model
+    load_hf_directory(directory)        config.json + model.safetensors of their package -> our model
     save_hf_directory(model, directory) our model -> config.json + model.safetensors of their package
 
 Their `dual-attention` package publishes models in the Hugging Face format of `PyTorchModelHubMixin`: a directory
@@ -20,7 +21,6 @@ keeps one `symbol_retriever` and an output-layer alias in its state dict, and st
 
 import json
 import os
-import re
 from dataclasses import replace
 
 import torch
@@ -265,70 +265,30 @@ def model_from_checkpoint(ckpt, **changes):
 
 
 # -----------------------------------------------------------------------------
-# the Hugging Face format of their package, and one loader for everything
+# the Hugging Face format of their package
 
 HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_PICKLE = "config.json", "model.safetensors", "pytorch_model.bin"
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def load_model(path, map_location="cpu"):
-    """Our model, in eval mode, from any of:
-      - a run directory of train.py (ours or the authors'), or a checkpoint file in it (torch.load weights_only);
-      - a directory in the Hugging Face format (written by their package's save_pretrained or by export.py);
-      - a Hugging Face Hub model id such as 'awni00/DAT-sa8-ra8-ns1024-sh8-nkvh4-343M' (downloaded with
-        huggingface_hub's snapshot_download, when that package is installed; then read as a directory).
-    FileNotFoundError / ValueError with a one-line message when the path is none of these or does not fit."""
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "ckpt.pt")):  # a run directory of ours also has a config.json
-            if os.path.isfile(os.path.join(path, HF_CONFIG)):
-                return load_hf_directory(path, map_location)
-            raise FileNotFoundError(f"{path} has neither a ckpt.pt nor a {HF_CONFIG}")
-        path = os.path.join(path, "ckpt.pt")
-    elif not os.path.exists(path):
-        if HUB_ID.fullmatch(path) and not path.endswith(".pt"):
-            return load_hf_directory(download_from_hub(path), map_location)
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch.load raises many types for files that are not checkpoints
-        raise ValueError(f"{path} is not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
-        raise ValueError(f"{path} is not a checkpoint of train.py (no 'model' and 'model_args')")
-    return model_from_checkpoint(ckpt)
-
-
-def download_from_hub(repo_id):
-    """The local directory of a Hugging Face Hub model (network; cached by huggingface_hub)."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise FileNotFoundError(f"{repo_id} is not a local path, and reading it from the Hugging Face Hub needs "
-                                "`pip install huggingface_hub`") from None
-    try:
-        return snapshot_download(repo_id, allow_patterns=[HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_PICKLE])
-    except Exception as e:  # network, authentication and not-found errors of the hub client
-        raise FileNotFoundError(f"{repo_id}: not a local path, and the Hugging Face Hub gave "
-                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def kind_of_hf_config(model_args):
     return "TransformerLM" if "n_heads" in model_args else "DualAttnTransformerLM"
 
 
-def load_hf_directory(directory, map_location="cpu"):
-    """config.json + model.safetensors (or pytorch_model.bin) of their package -> our model, in eval mode."""
+def load_hf_directory(directory, **changes):
+    """config.json + model.safetensors (or pytorch_model.bin) of their package -> our model, in eval mode, on the
+    CPU. `changes` replace config fields that leave the weights as they are."""
     with open(os.path.join(directory, HF_CONFIG)) as f:
         try:
             model_args = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{f.name} is not JSON ({e})") from None
-    config = config_from_reference(kind_of_hf_config(model_args), model_args)
+    config = replace(config_from_reference(kind_of_hf_config(model_args), model_args), **changes)
     safetensors_path, pickle_path = os.path.join(directory, HF_WEIGHTS), os.path.join(directory, HF_WEIGHTS_PICKLE)
     if os.path.isfile(safetensors_path):
         from safetensors.torch import load_file
-        state = load_file(safetensors_path, device=str(map_location))
+        state = load_file(safetensors_path, device="cpu")
     elif os.path.isfile(pickle_path):
-        state = torch.load(pickle_path, map_location=map_location, weights_only=True)
+        state = torch.load(pickle_path, map_location="cpu", weights_only=True)
     else:
         raise FileNotFoundError(f"{directory} has a {HF_CONFIG} but no {HF_WEIGHTS}")
     model = build_model(config)

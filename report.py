@@ -4,8 +4,8 @@ the authors', and validation-loss figures.
 
 $ python report.py --runs out/paper --paper_logs run_histories.csv --out_dir report
 
---runs: a directory searched for train.py run directories (metrics.jsonl and ckpt.pt, whose config gives the
-model); sweep.py's out_dir, for example. --paper_logs: the authors' exported W&B histories (run_histories.csv from
+--runs: a directory searched for train.py run directories (metrics.jsonl and the checkpoint, whose config gives
+the model); sweep.py's out_dir, for example. --paper_logs: the authors' exported W&B histories (run_histories.csv from
 github.com/Awni00/abstract_transformer, branch paper, figure_generation/figure_data/tiny_stories/). Writes
 out_dir/summary.csv (one line per run), out_dir/summary.md and the PNG figures val_loss.png,
 ablation_symbol_type.png, ablation_symmetry.png, ablation_ra_type.png, ablation_frozen_symbols.png.
@@ -26,19 +26,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
-import torch  # noqa: E402
 
+from checkpoints import CHECKPOINT_FILE, read_checkpoint  # noqa: E402
 from reference import PAPER_RA_TYPES, PAPER_SYMBOL_TYPES  # noqa: E402
+from runtime import RunError, one_line_errors  # noqa: E402
 from sweep import ABLATION_ROWS, PAPER_DAT, PAPER_ROWS, RA, RCA, RELATIVE, SYMBOLIC, Row, parse_record  # noqa: E402
 
 SUMMARY_COLUMNS = ["run", "kind", "d_model", "n_layers", "sa", "ra", "symbol_type", "symmetric_rels", "ra_type",
                    "arch", "n_params", "steps", "tokens", "min_val_loss", "last_val_loss", "min_val_perplexity",
                    "paper_val_loss", "paper_val_perplexity"]
 PAPER_TOKENS_PER_STEP = 256 * 512
-
-
-class ReportError(Exception):
-    """Bad input: a one-line `error: ...` and exit code 1."""
 
 
 @dataclass
@@ -96,8 +93,7 @@ def read_evals(path):
 
 def read_config(run_dir):
     """train.py's config, from the run's checkpoint (memory-mapped: the weights are not read)."""
-    ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
-    return ckpt.get("config")
+    return read_checkpoint(os.path.join(run_dir, CHECKPOINT_FILE), mmap=True).get("config")
 
 
 def find_runs(root):
@@ -109,7 +105,7 @@ def find_runs(root):
             continue
         name = os.path.relpath(path, root)
         evals = read_evals(os.path.join(path, "metrics.jsonl"))
-        config = read_config(path) if "ckpt.pt" in files else None
+        config = read_config(path) if CHECKPOINT_FILE in files else None
         if not evals or not config or "d_model" not in config:
             notes.append(f"skipped {name}: " + ("no evaluation yet" if not evals else "no checkpoint of train.py"))
             continue
@@ -148,7 +144,7 @@ def read_paper_logs(path):
                     points.append((float(r["iter"]), float(r["tokens"]), float(r["val/loss"]),
                                    float(r["val/perplexity"])))
     except (OSError, KeyError, ValueError) as e:
-        raise ReportError(f"--paper_logs {path}: not the authors' run_histories.csv ({type(e).__name__}: {e})") \
+        raise RunError(f"--paper_logs {path}: not the authors' run_histories.csv ({type(e).__name__}: {e})") \
             from None
     by_row = {}
     for row, points in runs.values():
@@ -349,22 +345,20 @@ def write_figures(out_dir, lines):
 # -----------------------------------------------------------------------------
 # the command line
 
+@one_line_errors()
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--runs", required=True, help="directory holding train.py runs (e.g. sweep.py's out_dir)")
     p.add_argument("--paper_logs", help="the authors' run_histories.csv: fills in the paper's numbers and curves")
     p.add_argument("--out_dir", required=True, help="where summary.csv, summary.md and the figures go")
     args = p.parse_args(argv)
-    try:
-        if not os.path.isdir(args.runs):
-            raise ReportError(f"--runs {args.runs}: not a directory")
-        runs, notes = find_runs(args.runs)
-        logs = read_paper_logs(args.paper_logs) if args.paper_logs else {}
-        if not runs and not logs:
-            raise ReportError(f"no run with evaluations and a checkpoint under {args.runs}")
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if not os.path.isdir(args.runs):
+        raise RunError(f"--runs {args.runs}: not a directory")
+    runs, notes = find_runs(args.runs)
+    logs = read_paper_logs(args.paper_logs) if args.paper_logs else {}
+    if not runs and not logs:
+        raise RunError(f"no run with evaluations and a checkpoint under {args.runs}")
     for note in notes:
         print(note)
     os.makedirs(args.out_dir, exist_ok=True)

@@ -3,30 +3,29 @@ Sample from a trained model: continue prompts with the KV cache (model.generate)
 
 $ python sample.py --ckpt_path "out/<run name>" --prompt "Once upon a time," --num_samples 3 --temperature 0.8 --top_p 0.9
 
---ckpt_path takes a run directory or a ckpt.pt of ours (either --arch) or a checkpoint of the authors' train.py. The
-tokenizer is the one the run trained with (its vocab_size and data_dir, as train.py finds it), or --tokenizer.
+--ckpt_path takes anything checkpoints.load_model reads: a run directory or checkpoint file of ours (either --arch)
+or of the authors' train.py, a Hugging Face directory or hub id. The tokenizer is the one the run trained with (its
+vocab_size and data_dir, as train.py finds it; a Hugging Face directory's own tokenizer.model), or --tokenizer.
 Each prompt is continued num_samples times in one batch; the prompt's text is printed with its continuation.
 """
 
 import argparse
-import os
-import pickle
 import sys
 import time
 from contextlib import nullcontext
 
 import torch
 
-import reference
-from tokenizer import DataError, Tokenizer, tokenizer_path
-from train import HelpFormatter, RunError, resolve_dtype, setup_device, synchronize
+from checkpoints import PATH_HELP, find_tokenizer, load_model
+from runtime import HelpFormatter, RunError, one_line_errors, resolve_dtype, setup_device, synchronize
+from tokenizer import DataError
 
 SEPARATOR = "-" * 100
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt_path", required=True, help="a run directory or a ckpt.pt (ours or the authors')")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    p.add_argument("--ckpt_path", required=True, help=PATH_HELP)
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", action="append", help="a prompt (repeatable; default: one empty prompt, BOS only)")
     prompts.add_argument("--prompt_file", help="a text file whose whole content is one prompt")
@@ -62,30 +61,6 @@ def parse_args(argv=None):
     return args
 
 
-def load_checkpoint(path):
-    """(model in eval mode, the checkpoint's training config) of a run directory or a checkpoint file."""
-    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise RunError(f"no checkpoint at {file}")
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-        model = reference.model_from_checkpoint(ckpt)
-    except (ValueError, KeyError, TypeError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
-        raise RunError(f"{file} is not a checkpoint of a model this code builds ({e})") from None
-    return model, ckpt.get("config") or {}
-
-
-def find_tokenizer(args, train_config, vocab_size):
-    """--tokenizer, else the run's: tiny_stories_data.tokenizer_path of its vocab_size and data_dir (train.py's)."""
-    path = args.tokenizer
-    if path is None:
-        path = tokenizer_path(train_config.get("vocab_size", 0), train_config.get("data_dir", "data"))
-    tokenizer = Tokenizer(path)
-    if tokenizer.n_words != vocab_size:
-        raise RunError(f"{path} has {tokenizer.n_words} tokens, the model {vocab_size}")
-    return tokenizer
-
-
 def read_prompts(args):
     if args.prompt_file is None:
         return args.prompt or [""]
@@ -99,8 +74,8 @@ def read_prompts(args):
 def sample(args):
     device, _, _ = setup_device(args)
     dtype = resolve_dtype(args, device)
-    model, train_config = load_checkpoint(args.ckpt_path)
-    tokenizer = find_tokenizer(args, train_config, model.config.vocab_size)
+    model, ckpt = load_model(args.ckpt_path)
+    tokenizer = find_tokenizer(args.ckpt_path, ckpt, model.config.vocab_size, args.tokenizer)
     prompts = read_prompts(args)
     model.to(device)
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
@@ -127,13 +102,9 @@ def sample(args):
     return 0
 
 
+@one_line_errors(DataError)
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return sample(args)
-    except (RunError, DataError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return getattr(e, "code", 1)
+    return sample(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ from collections import deque
 from dataclasses import dataclass, replace
 from datetime import datetime
 
+from checkpoints import CHECKPOINT_FILE
+from runtime import RunError, one_line_errors
+
 REPO = os.path.dirname(os.path.abspath(__file__))
 TRAIN_PY = os.path.join(REPO, "train.py")
 SYMBOLIC, RELATIVE = "symbolic_attention", "position_relative"
@@ -130,8 +133,11 @@ GRIDS = {"paper": PAPER_ROWS, "paper_ablations": PAPER_ROWS + ABLATION_ROWS}
 # -----------------------------------------------------------------------------
 # commands
 
-class SweepError(Exception):
+class SweepError(RunError):
     """Bad input: a one-line `error: ...` and exit code 2."""
+
+    def __init__(self, message):
+        super().__init__(message, code=2)
 
 
 def batch_flags(gpus_per_run):
@@ -212,11 +218,11 @@ def run_dirs(row_dir):
     if not os.path.isdir(row_dir):
         return []
     return sorted(p for p in (os.path.join(row_dir, d) for d in os.listdir(row_dir))
-                  if os.path.isfile(os.path.join(p, "metrics.jsonl")) or os.path.isfile(os.path.join(p, "ckpt.pt")))
+                  if any(os.path.isfile(os.path.join(p, f)) for f in ("metrics.jsonl", CHECKPOINT_FILE)))
 
 
 def has_checkpoint(row_dir):
-    return any(os.path.isfile(os.path.join(d, "ckpt.pt")) for d in run_dirs(row_dir))
+    return any(os.path.isfile(os.path.join(d, CHECKPOINT_FILE)) for d in run_dirs(row_dir))
 
 
 def evaluated_steps(row_dir):
@@ -441,7 +447,7 @@ SLURM_TASK = """\
 dir={out_dir}/$name
 mkdir -p "$dir"
 init=scratch
-if compgen -G "$dir/*/ckpt.pt" > /dev/null; then init=resume; fi
+if compgen -G "$dir/*/{checkpoint}" > /dev/null; then init=resume; fi
 requeue=0
 trap 'requeue=1; kill -TERM $pid' USR1  # --signal: the time limit is near
 trap ':' TERM  # preemption: Slurm signals train.py itself, which checkpoints; wait for it
@@ -484,7 +490,7 @@ def slurm_script(args, rows, extra, path):
     ]
     return "\n".join(header) + "\n" + SLURM_TASK.format(out_dir=shlex.quote(out_dir),
                                                         launch=shlex.join(launcher(k, train_py=TRAIN_PY)),
-                                                        extra=shlex.join(extra))
+                                                        extra=shlex.join(extra), checkpoint=CHECKPOINT_FILE)
 
 
 # -----------------------------------------------------------------------------
@@ -492,7 +498,7 @@ def slurm_script(args, rows, extra, path):
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         usage="%(prog)s {paper,paper_ablations} [options] [-- train.py flags]")
     p.add_argument("grid", choices=sorted(GRIDS),
                    help="paper: the 33 rows of the paper's table; paper_ablations: those and the RCA and "
@@ -535,15 +541,12 @@ def parse_args(argv):
     return args, extra
 
 
+@one_line_errors()
 def main(argv=None):
     args, extra = parse_args(argv)
-    try:
-        check_extra(extra)
-        rows = select_rows(args.grid, args.only)
-        slots = gpu_slots(args.gpus, args.gpus_per_run)
-    except SweepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_extra(extra)
+    rows = select_rows(args.grid, args.only)
+    slots = gpu_slots(args.gpus, args.gpus_per_run)
     if args.slurm:
         path = os.path.join(args.out_dir, f"{args.grid}.sbatch")
         os.makedirs(args.out_dir, exist_ok=True)

@@ -37,6 +37,7 @@ from tqdm import tqdm as _tqdm
 
 from loader import SHARD_DIR, bin_dir, json_shards
 from tokenizer import TOKENIZER_MODEL, DataError, MissingDataError, Tokenizer, prepare_command, tokenizer_path
+from runtime import RunError, one_line_errors
 
 DATA_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 TOKENIZER_URL = "https://raw.githubusercontent.com/karpathy/llama2.c/master/tokenizer.model"
@@ -541,12 +542,15 @@ def train_vocab(vocab_size, data_dir="data", num_shards=10, keep_text=False):
 # -----------------------------------------------------------------------------
 # command line
 
+@one_line_errors(DataError, OSError)
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     stages = parser.add_subparsers(dest="stage", required=True)
     data_help = "directory that holds TinyStories_all_data/, tok{N}.model and tok{N}/ (default: data)"
 
-    p = stages.add_parser("download", help="fetch, verify and unpack the JSON shards; fetch tokenizer.model")
+    p = stages.add_parser("download", allow_abbrev=False,
+                          help="fetch, verify and unpack the JSON shards; fetch tokenizer.model")
     p.add_argument("--data_dir", default="data", help=data_help)
     p.add_argument("--source", default=DATA_URL,
                    help="URL or local path of the data: a .tar.gz of JSON shards, a directory of .json shards, or "
@@ -561,14 +565,16 @@ def main(argv=None):
     p.add_argument("--retries", type=int, default=5,
                    help="reconnections after a dropped transfer, each resuming where it stopped (default: 5)")
 
-    p = stages.add_parser("pretokenize", help="encode every shard into a uint16 .bin (BOS before each story)")
+    p = stages.add_parser("pretokenize", allow_abbrev=False,
+                          help="encode every shard into a uint16 .bin (BOS before each story)")
     p.add_argument("--vocab_size", type=int, default=0,
                    help="0: the Llama 2 tokenizer, .bin next to the shards; N: data_dir/tok{N}.model, into tok{N}/")
     p.add_argument("--data_dir", default="data", help=data_help)
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes, one shard at a time each (default: min(cpu count, number of shards))")
 
-    p = stages.add_parser("train_vocab", help="train a custom SentencePiece BPE vocabulary into data_dir/tok{N}.model")
+    p = stages.add_parser("train_vocab", allow_abbrev=False,
+                          help="train a custom SentencePiece BPE vocabulary into data_dir/tok{N}.model")
     p.add_argument("--vocab_size", type=int, required=True, help="number of pieces (at most 65535)")
     p.add_argument("--data_dir", default="data", help=data_help)
     p.add_argument("--num_shards", type=int, default=10, help="train on the first N shards (default: 10)")
@@ -584,15 +590,11 @@ def main(argv=None):
             pretokenize(args.vocab_size, args.data_dir, args.workers)
         else:
             train_vocab(args.vocab_size, args.data_dir, args.num_shards, args.keep_text)
-    except (DataError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         what = {"download": "run the same command again: the download resumes where it stopped",
                 "pretokenize": "no half-written shard was kept; run the same command again to encode every shard",
                 "train_vocab": "nothing was written; run the same command again"}[args.stage]
-        print(f"error: interrupted: {what}", file=sys.stderr)
-        return 130
+        raise RunError(f"interrupted: {what}", code=130) from None
     return 0
 
 

@@ -12,25 +12,18 @@ DDP on the 4 GPUs of one node (gradient_accumulation_steps is divided by the num
 $ torchrun --standalone --nproc_per_node 4 train.py --sa 4 --ra 4 ... --gradient_accumulation_steps 4
 
 Continue a run: the same command plus --init_from resume (it finds the run under out/ with these settings; or
---ckpt_path DIR_OR_FILE). Each run writes out/<run name>/config.json, ckpt.pt and metrics.jsonl; data come from
-tiny_stories_data.py.
+--ckpt_path DIR_OR_FILE). Each run writes its settings, checkpoint and metrics to out/<run name>/ (runs.py); data
+come from tiny_stories_data.py.
 """
 
-import argparse
-import fcntl
-import glob
-import json
 import math
 import os
-import shlex
 import signal
 import sys
 import time
-import zipfile
 from collections import deque
-from contextlib import ExitStack, contextmanager, nullcontext, suppress
-from dataclasses import asdict, fields
-from datetime import datetime
+from contextlib import ExitStack, nullcontext
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -38,52 +31,23 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
 import reference
+from checkpoints import CHECKPOINT_FILE, load_model, write_checkpoint
 from loader import BatchLoader, LoaderSettings, check_token_ids, eval_batches
+from runs import (RUN_SETTINGS, RESUME_ADVICE, Logger, changed_settings, check_checkpoint_model, find_run,
+                  new_run_dir, run_lock, write_config)
+from runtime import (Parser, RunError, all_gather, one_line_errors, resolve_dtype, rng_state, set_rng_state,
+                     setup_device, stop_signals)
 from tokenizer import DataError, Tokenizer, tokenizer_path
 
-DERIVED_FIELDS = ("bias", "n_symbols", "symbol_heads", "max_rel_pos")  # ModelConfig fields that are not flags
-MODEL_FLAGS = tuple(f.name for f in fields(M.ModelConfig) if f.name not in DERIVED_FIELDS)
-# the settings that make a run: --init_from resume continues the run whose recorded settings all equal the command's
-# (every other flag may change from one leg of a run to the next, e.g. --max_iters, --eval_interval, --dropout_rate)
-RUN_SETTINGS = tuple(f for f in MODEL_FLAGS if f != "dropout_rate") + (
-    "data_dir", "dtype", "batch_size", "gradient_accumulation_steps", "learning_rate", "use_cosine_sched",
-    "warmup_iters", "weight_decay", "beta1", "beta2", "grad_clip", "seed")
-START_FLAGS = ("init_from", "ckpt_path", "out_dir", "eval_only")  # how a leg starts, not what the run is
-CONFIG_FILE, LOCK_FILE = "config.json", "train.lock"  # in each run directory, next to ckpt.pt
 PROMPTS = ["Once upon a time,", "There once was a girl named ", "On a rainy day,", "Emma went to", "", "", ""]
-
-
-class RunError(Exception):
-    """Stops the run with a one-line `error: ...` and exit code `code` (2: bad flags)."""
-
-    def __init__(self, message, code=1):
-        super().__init__(message)
-        self.code = code
 
 
 # -----------------------------------------------------------------------------
 # command line
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Adds each flag's default to its help, unless there is none or the help already explains it."""
-
-    def _get_help_string(self, action):
-        if action.required or action.default is None or action.default == argparse.SUPPRESS or \
-                "default" in action.help:
-            return action.help
-        return action.help + " (default: %(default)s)"
-
-
-class Parser(argparse.ArgumentParser):
-    """Bad flags stop with a single `error: ...` line (no usage block) and exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (python train.py --help lists the flags)\n")
-
-
 def build_parser():
     p = Parser(
-        description=__doc__, formatter_class=HelpFormatter,
+        description=__doc__,
         usage="%(prog)s --sa N --ra N --symbol_type TYPE --pos_enc_type TYPE --ra_type TYPE --n_layers N "
               "--d_model N [options]")
     switch = dict(type=int, choices=(0, 1))
@@ -142,7 +106,7 @@ def build_parser():
     g.add_argument("--eval_only", default=0, **switch,
                    help="1: evaluate the fresh model (or, with --init_from resume, the checkpoint), print, exit")
     g.add_argument("--always_save_checkpoint", default=0, **switch,
-                   help="1: write ckpt.pt at every evaluation; 0: only when the val loss improves")
+                   help=f"1: write {CHECKPOINT_FILE} at every evaluation; 0: only when the val loss improves")
     g.add_argument("--init_from", default="scratch", choices=("scratch", "resume"),
                    help="resume: continue the run under out_dir whose model and training settings equal these flags "
                         "(README: Resuming)")
@@ -225,19 +189,6 @@ def check_ranges(args):
 # -----------------------------------------------------------------------------
 # model, optimizer, learning rate
 
-def run_name(args):
-    """The reference's run name: the model's main flags, then `__` and a timestamp."""
-    if args.ra > 0:
-        name = (f"sa={args.sa}; ra={args.ra}; d={args.d_model}; L={args.n_layers}; ra_type={args.ra_type}; "
-                f"sym_rel={bool(args.symmetric_rels)}; symbol_type={args.symbol_type}; "
-                f"pos_enc_type={args.pos_enc_type}")
-    else:
-        name = f"sa={args.sa}; d={args.d_model}; L={args.n_layers}; pos_enc_type={args.pos_enc_type}"
-    if args.arch != "current":
-        name += f"; arch={args.arch}"
-    return f"{name}__{datetime.now().strftime('%Y_%m_%d_%H_%M_%S')}"
-
-
 def configure_optimizer(model, args, device):
     """AdamW with weight decay on the trainable tensors of >= 2 dims and none on the rest (in named_parameters
     order, as the reference groups them, so its optimizer states load); fused on CUDA."""
@@ -246,6 +197,20 @@ def configure_optimizer(model, args, device):
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.beta1, args.beta2),
                              fused=device.type == "cuda")
+
+
+def load_optimizer_state(optimizer, ckpt):
+    """Adam moments and step counts from the checkpoint; the hyperparameters stay those of the flags."""
+    own = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group, settings in zip(optimizer.param_groups, own):
+        group.update(settings)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            moment = optimizer.state.get(p, {}).get("exp_avg")
+            if moment is not None and moment.shape != p.shape:
+                raise RunError(f"the checkpoint's optimizer state does not fit the model's parameters "
+                               f"({tuple(moment.shape)} for a {tuple(p.shape)} tensor)")
 
 
 def get_lr(it, args, total_steps):
@@ -274,302 +239,7 @@ def training_steps(args, train_tokens, tokens_per_step):
 
 
 # -----------------------------------------------------------------------------
-# devices and processes
-
-def setup_device(args):
-    """(device, rank, world_size). Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set) the process group starts here:
-    nccl with one GPU per process, gloo on the CPU."""
-    flag = args.device
-    if flag == "auto":
-        flag = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(flag)
-    except RuntimeError:
-        raise RunError(f"--device {args.device}: not a device (auto, cpu, cuda, cuda:N, mps)", code=2) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"--device {args.device}: CUDA is not available here", code=2)
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise RunError(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices", code=2)
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RunError(f"--device {args.device}: Apple MPS is not available here", code=2)
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise RunError(f"--device {args.device}: not supported (auto, cpu, cuda, cuda:N, mps)", code=2)
-    distributed = "RANK" in os.environ
-    rank, local_rank, world_size = 0, 0, 1
-    if distributed:
-        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if device.type == "cuda":
-        if distributed or device.index is None:
-            device = torch.device("cuda", local_rank if distributed else torch.cuda.current_device())
-        torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls
-    if distributed:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return device, rank, world_size
-
-
-def synchronize(device):
-    """Wait for the device's queued work (for wall-clock timings of sample.py and the benchmarks)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def resolve_dtype(args, device):
-    if args.dtype != "auto":
-        return args.dtype
-    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-
-
-
-
-def all_gather(obj, world_size):
-    """[obj of rank 0, obj of rank 1, ...] (collective: every rank must call it)."""
-    if world_size == 1:
-        return [obj]
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def rng_state(device):
-    """The RNG states this process draws from: dropout on the CPU, or on the accelerator."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    elif device.type == "mps" and "mps" in state:
-        torch.mps.set_rng_state(state["mps"])
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-def run_settings(flags):
-    """The RUN_SETTINGS in a dict of flags (a command's or a run's record), for comparison: the model's as
-    ModelConfig holds them where the record allows (it resets the flags a model does not use, e.g. a Transformer's
-    --symbol_type), data_dir normalised."""
-    values = {name: flags[name] for name in RUN_SETTINGS if name in flags}
-    try:
-        model = asdict(M.ModelConfig.from_flags(flags))
-        values.update({name: model[name] for name in MODEL_FLAGS if name in values and name != "vocab_size"})
-    except (ValueError, TypeError):  # a record that builds no model: compared as written
-        pass
-    if isinstance(values.get("data_dir"), str):
-        values["data_dir"] = os.path.normpath(values["data_dir"])
-    return values
-
-
-def recorded_config(ckpt_path):
-    """The config a run recorded: config.json next to its checkpoint, else (a run of the authors' train.py, or one
-    of ours from before config.json) the config stored in the checkpoint, read without loading its tensors.
-    RunError if neither can be read."""
-    path = os.path.join(os.path.dirname(ckpt_path), CONFIG_FILE)
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                config = json.load(f)
-        except (OSError, ValueError) as e:
-            raise RunError(f"{path} is unreadable ({e})") from None
-        if not isinstance(config, dict):
-            raise RunError(f"{path} is not a JSON object of settings")
-        return config
-    ckpt = load_checkpoint(ckpt_path, mmap=zipfile.is_zipfile(ckpt_path))  # (the legacy format cannot be mapped)
-    config = dict(ckpt.get("config") or {})
-    if "kind" not in ckpt:  # the authors' train.py has no --dtype: their dtype was their GPU's, not a setting
-        config.pop("dtype", None)
-    return config
-
-
-def setting_differences(recorded, ours):
-    """'--flag RECORDED (this command: OURS)' for each run setting that the run recorded with another value."""
-    theirs, mine = run_settings(recorded), run_settings(ours)
-    return [f"--{name} {recorded[name]} (this command: {ours[name]})" for name in RUN_SETTINGS
-            if name in theirs and theirs[name] != mine[name]]
-
-
-def find_run(args, dtype):
-    """(ckpt_path, recorded config) of the run that --init_from resume continues: --ckpt_path (a file or a run
-    directory), else the one run under out_dir that recorded exactly this command's RUN_SETTINGS. RunError, never
-    a guess: when --ckpt_path's run has other settings (code 2, naming the flags), when no run under out_dir
-    matches (code 2, listing each run and its differing flags) or when several do (code 2, listing them)."""
-    ours = dict(vars(args), dtype=dtype)
-    if args.ckpt_path:
-        path = os.path.join(args.ckpt_path, "ckpt.pt") if os.path.isdir(args.ckpt_path) else args.ckpt_path
-        if not os.path.isfile(path):
-            raise RunError(f"no checkpoint at {path}")
-        recorded = recorded_config(path)
-        differ = setting_differences(recorded, ours)
-        if differ:
-            raise RunError(f"--ckpt_path {path}: the run was trained with other settings: {', '.join(differ)}; give "
-                           f"the run's flags to continue it", code=2)
-        return path, recorded
-    found = sorted(glob.glob(os.path.join(glob.escape(args.out_dir), "*", "ckpt.pt")), key=os.path.getmtime,
-                   reverse=True)
-    if not found:
-        raise RunError(f"--init_from resume: no run directory with a ckpt.pt in {args.out_dir} "
-                       "(give --out_dir or --ckpt_path)")
-    matches, others = [], []
-    for path in found:
-        try:
-            recorded = recorded_config(path)
-            differ = setting_differences(recorded, ours)
-        except RunError as e:
-            recorded, differ = None, [str(e)]
-        if differ:
-            others.append(f"{os.path.dirname(path)} ({', '.join(differ)})")
-        else:
-            matches.append((path, recorded))
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        raise RunError(f"--init_from resume: {len(matches)} runs in {args.out_dir} have this command's settings: "
-                       f"{', '.join(os.path.dirname(p) for p, _ in matches)}; choose one with --ckpt_path DIR", code=2)
-    raise RunError(f"--init_from resume: no run in {args.out_dir} has this command's settings: {'; '.join(others)}; "
-                   f"give the flags of the run to continue (with --ckpt_path DIR to name it)", code=2)
-
-
-def changed_settings(recorded, args, device):
-    """'--flag OLD -> NEW' for the flags outside RUN_SETTINGS that this leg of the run changes (e.g. --max_iters)."""
-    current = dict(vars(args), device=str(device))
-    return [f"--{name} {recorded[name]} -> {value}" for name, value in current.items()
-            if name not in RUN_SETTINGS and name not in START_FLAGS and name in recorded and recorded[name] != value]
-
-
-@contextmanager
-def run_lock(run_dir):
-    """One writer per run directory: an exclusive lock on run_dir/train.lock (which holds the owner's pid), held
-    while the block runs; the OS drops it when the process ends, kill -9 included. RunError if another process
-    holds it."""
-    path = os.path.join(run_dir, LOCK_FILE)
-    try:
-        f = open(path, "a+")
-    except OSError as e:
-        raise RunError(f"cannot write to the run directory {run_dir}: {e.strerror}") from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise RunError(f"the run directory {run_dir} is in use by another process (pid "
-                           f"{f.read().strip() or 'unknown'}): wait for it to end, or stop it first") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield
-
-
-def load_checkpoint(path, mmap=False):
-    """torch.load of a checkpoint, after a CRC check of every record of its zip archive (torch.load checks none: a
-    flipped bit in a tensor would load silently). RunError naming the file when it is damaged or not ours."""
-    advice = "use another copy of the checkpoint, or start the run afresh without --init_from resume"
-    try:
-        if not mmap and zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()
-            if bad:
-                raise RunError(f"{path} is corrupted (checksum mismatch in its record {bad}): {advice}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except RunError:
-        raise
-    except Exception as e:  # truncated, empty, text...: torch raises all kinds
-        why = " ".join(str(e).split())[:120] or type(e).__name__
-        raise RunError(f"{path} is not a readable checkpoint (truncated or corrupted: {why}): {advice}") from None
-    missing = [k for k in ("model", "model_args", "iter_num") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise RunError(f"{path} is not a checkpoint of train.py (no {', '.join(missing)}): {advice}")
-    return ckpt
-
-
-def write_config(run_dir, config):
-    """The run's settings as run_dir/config.json (written anew at the start of every leg, atomically)."""
-    path = os.path.join(run_dir, CONFIG_FILE)
-    try:
-        with open(path + ".tmp", "w") as f:
-            json.dump(config, f, indent=1)
-        os.replace(path + ".tmp", path)
-    except OSError as e:
-        raise RunError(f"cannot write {path}: {e.strerror}") from None
-
-
-def check_checkpoint_model(ckpt, config):
-    """Refuse flags that describe another model than the checkpoint's (only the dropout rate may differ)."""
-    try:
-        theirs = reference.config_from_checkpoint(ckpt)
-    except ValueError as e:
-        raise RunError(f"the checkpoint's model: {e}") from None
-    if theirs.arch != config.arch:
-        raise RunError(f"the checkpoint is --arch {theirs.arch}, the flags say --arch {config.arch}: pass --arch "
-                       f"{theirs.arch}", code=2)
-    differ = [f"{'' if name in DERIVED_FIELDS else '--'}{name} {getattr(theirs, name)!r} "
-              f"(flags: {getattr(config, name)!r})" for name in (f.name for f in fields(config))
-              if name != "dropout_rate" and getattr(theirs, name) != getattr(config, name)]
-    if differ:
-        raise RunError("the flags describe another model than the checkpoint's: " + "; ".join(differ), code=2)
-
-
-def load_optimizer_state(optimizer, ckpt):
-    """Adam moments and step counts from the checkpoint; the hyperparameters stay those of the flags."""
-    own = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])
-    for group, settings in zip(optimizer.param_groups, own):
-        group.update(settings)
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            moment = optimizer.state.get(p, {}).get("exp_avg")
-            if moment is not None and moment.shape != p.shape:
-                raise RunError(f"the checkpoint's optimizer state does not fit the model's parameters "
-                               f"({tuple(moment.shape)} for a {tuple(p.shape)} tensor)")
-
-
-def save_checkpoint(path, ckpt):
-    """torch.save to a temporary file, then an atomic rename: a crash or a full disk never leaves a half-written
-    ckpt.pt (RunError; the previous checkpoint stays)."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports some write errors as RuntimeError
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        why = e.strerror if isinstance(e, OSError) else " ".join(str(e).split())
-        kept = "the previous checkpoint is kept" if os.path.exists(path) else "no checkpoint was written"
-        raise RunError(f"writing the checkpoint {path} failed ({why}): stopped, {kept}") from None
-
-
-@contextmanager
-def stop_signals():
-    """While training, SIGINT/SIGTERM only set a flag: the loop writes a checkpoint at the next step boundary and
-    exits. A second signal acts as usual (Ctrl-C twice quits at once)."""
-    received = []
-
-    def handler(signum, frame):
-        received.append(signum)
-        signal.signal(signum, previous[signum])
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-# -----------------------------------------------------------------------------
-# evaluation, logging, samples
+# evaluation and samples
 
 def perplexity(loss):
     try:
@@ -601,67 +271,6 @@ def evaluate(model, args, device, autocast, rank, world_size):
     return out
 
 
-class Logger:
-    """Rank 0 prints, appends to <run dir>/metrics.jsonl (exact floats) and logs to W&B; other ranks stay silent."""
-
-    def __init__(self, master):
-        self.master, self.metrics, self.metrics_path, self.wandb = master, None, None, None
-
-    def print(self, *parts):
-        if self.master:
-            print(*parts, flush=True)
-
-    def open(self, run_dir):
-        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
-        try:
-            self.metrics = open(self.metrics_path, "a")
-        except OSError as e:
-            raise RunError(f"cannot write {self.metrics_path}: {e.strerror}") from None
-
-    def log(self, record):
-        if self.metrics:
-            try:
-                self.metrics.write(json.dumps(record) + "\n")
-                self.metrics.flush()
-            except OSError as e:  # a full disk, say: stop with the checkpoints written so far
-                metrics, self.metrics = self.metrics, None
-                with suppress(OSError):
-                    metrics.close()
-                raise RunError(f"writing {self.metrics_path} failed ({e.strerror}): stopped; the checkpoint written "
-                               f"last is kept: make room, then continue with --init_from resume") from None
-        if self.wandb:
-            self.wandb.log(record)
-
-    def start_wandb(self, args, name, run_dir, config, run_id):
-        """A W&B run in run_dir (run run_id continued, when given) and its id (run_id with --log_to_wandb 0).
-        Without credentials it logs offline with a one-line note: it never prompts."""
-        if not args.log_to_wandb:
-            return run_id
-        import wandb
-        offline = (os.environ.get("WANDB_MODE") not in ("offline", "dryrun", "disabled")
-                   and not wandb.login(prompt=False, verify=False))
-        self.wandb = wandb.init(project=args.wandb_project, name=name, config=config, id=run_id, resume="allow",
-                                dir=run_dir, mode="offline" if offline else None)
-        self.wandb.define_metric("*", step_metric="iter")
-        if offline:
-            local = os.path.dirname(self.wandb.dir)
-            print(f"W&B: no credentials (WANDB_API_KEY or `wandb login`): logging offline to {local}; "
-                  f"upload it later with `wandb sync {shlex.quote(local)}`", flush=True)
-        return self.wandb.id
-
-    def log_samples(self, prompts, samples):
-        if self.wandb:
-            import wandb
-            table = wandb.Table(columns=["Prompt", "Generated Sample"], data=[list(r) for r in zip(prompts, samples)])
-            self.wandb.log({"Generated Samples": table})
-
-    def close(self, exit_code=0):
-        if self.metrics:
-            self.metrics.close()
-        if self.wandb:
-            self.wandb.finish(exit_code=exit_code)
-
-
 def generate_samples(model, tokenizer, args, device):
     """The reference's prompts (three empty ones: BOS only), each continued by sample_tokens tokens (in float32,
     eval mode)."""
@@ -676,14 +285,11 @@ def generate_samples(model, tokenizer, args, device):
 # -----------------------------------------------------------------------------
 # the run
 
+@one_line_errors(DataError, OSError)
 def main(argv=None):
     args, config = parse_args(argv)
-    try:
-        with ExitStack() as held:  # the lock of the run directory, released however the run ends
-            return train(args, config, held)
-    except (RunError, DataError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return getattr(e, "code", 1)
+    with ExitStack() as held:  # the lock of the run directory, released however the run ends
+        return train(args, config, held)
 
 
 def train(args, config, held):
@@ -704,13 +310,14 @@ def train(args, config, held):
             log.print(f"note: the run does not record {', '.join(unrecorded)}: this command's values are used")
         if log.master and not args.eval_only:
             held.enter_context(run_lock(os.path.dirname(ckpt_path)))
-        ckpt = load_checkpoint(ckpt_path)
-        check_checkpoint_model(ckpt, config)
     torch.manual_seed(args.seed + rank)
-    if ckpt is None:
+    if ckpt_path is None:
         raw_model = M.build_model(config)
     else:  # the checkpoint's weights, with this run's dropout rate
-        raw_model = reference.model_from_checkpoint(ckpt, dropout_rate=config.dropout_rate)
+        raw_model, ckpt = load_model(ckpt_path, advice=RESUME_ADVICE, dropout_rate=config.dropout_rate)
+        if "iter_num" not in ckpt:
+            raise RunError(f"{ckpt_path} is not a checkpoint of train.py (no iter_num): {RESUME_ADVICE}")
+        check_checkpoint_model(ckpt, config)
     raw_model.to(device).train()
     log.print(f"{kind} ({args.arch}): {raw_model.num_params():,} parameters")
     tokenizer = Tokenizer(tokenizer_path(args.vocab_size, args.data_dir))
@@ -759,21 +366,6 @@ def train(args, config, held):
         log.log_samples(PROMPTS, samples)
     log.close(exit_code)
     return exit_code
-
-
-def new_run_dir(args):
-    """out_dir/<run name>, created here (with a suffix when two runs start within the same second)."""
-    base = path = os.path.join(args.out_dir, run_name(args))
-    n = 1
-    while True:
-        try:
-            os.makedirs(path)
-            return path
-        except FileExistsError:
-            n += 1
-            path = f"{base}_{n}"
-        except OSError as e:
-            raise RunError(f"cannot create the run directory {path}: {e.strerror} (check --out_dir)") from None
 
 
 class StepStatus:
@@ -890,7 +482,7 @@ class Trainer:
                 "wandb_run_id": self.wandb_run_id}
         if self.scaler.is_enabled():
             ckpt["scaler"] = self.scaler.state_dict()
-        save_checkpoint(self.ckpt_path, ckpt)
+        write_checkpoint(self.ckpt_path, ckpt)
         self.log.print(f"saved checkpoint at step {self.iter_num} ({why}) to {self.ckpt_path}")
 
     def run(self, total_steps, run_dir):
@@ -903,7 +495,7 @@ class Trainer:
         stop signal) while the device runs this one, and waits for every launched step only before an evaluation
         or a checkpoint, so none is written after a non-finite loss."""
         self.total_steps = total_steps
-        self.ckpt_path = os.path.join(run_dir, "ckpt.pt") if run_dir else None
+        self.ckpt_path = os.path.join(run_dir, CHECKPOINT_FILE) if run_dir else None
         self.timer = IntervalTimer(self.iter_num)
         x, y = self.loader.next_batch()
         with stop_signals() as received:

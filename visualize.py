@@ -7,7 +7,7 @@ writes, for each layer (--layers 0,3 for a few), PNGs of the self-attention head
 weights, each relation (relational attention: r_ij; DisRCA: its relation scores rho), and the symbols each token
 retrieves (symbolic attention), labelled with the prompt's tokens, and viz/index.html showing them all.
 Prompts longer than MAX_TOKENS tokens (BOS included) are cropped to their first MAX_TOKENS, with a note.
-The checkpoint may be anything reference.load_model reads; the tokenizer is found as train.py finds it.
+The checkpoint may be anything checkpoints.load_model reads; the tokenizer is found as train.py finds it.
 """
 
 import argparse
@@ -18,9 +18,9 @@ import sys
 import torch
 from matplotlib.figure import Figure  # drawn without pyplot: no GUI backend, no global state
 
-from model import LLAMA2_VOCAB_SIZE
-from reference import load_model
-from tokenizer import DataError, Tokenizer, tokenizer_path
+from checkpoints import PATH_HELP, find_tokenizer, load_model
+from runtime import RunError, one_line_errors
+from tokenizer import DataError
 
 MAX_TOKENS = 64
 COLUMNS = 4  # heatmaps per row, at most
@@ -36,20 +36,7 @@ PANELS = [  # (key of attention_maps, title, colormap, file name)
 
 
 # -----------------------------------------------------------------------------
-# model, tokenizer, tokens
-
-def find_tokenizer(ckpt_path, vocab_size):
-    """The SentencePiece model of a checkpoint, as train.py finds it: the checkpoint's --vocab_size and --data_dir
-    (the Llama 2 tokenizer.model for 32,000 tokens); a Hugging Face directory's own tokenizer.model if it has one."""
-    if os.path.isfile(os.path.join(ckpt_path, "tokenizer.model")):
-        return os.path.join(ckpt_path, "tokenizer.model")
-    path = os.path.join(ckpt_path, "ckpt.pt") if os.path.isdir(ckpt_path) else ckpt_path
-    flags = {}
-    if os.path.isfile(path):
-        flags = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config") or {}
-    vocab = flags.get("vocab_size") or vocab_size
-    return tokenizer_path(0 if vocab == LLAMA2_VOCAB_SIZE else vocab, flags.get("data_dir", "data"))
-
+# tokens and layers
 
 def token_labels(tokenizer, ids):
     """Readable labels of SentencePiece pieces: the word-start mark shown as a space."""
@@ -161,30 +148,24 @@ def visualize(model, tokenizer, prompt, out_dir, layers, device):
     return files + ["index.html"], note
 
 
+@one_line_errors(DataError, OSError, ValueError, RuntimeError)
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_path", required=True,
-                        help="run directory or ckpt.pt (ours or the authors'), Hugging Face directory or hub id")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--ckpt_path", required=True, help=PATH_HELP)
     parser.add_argument("--prompt", required=True, help="the text to visualise (BOS is prepended)")
     parser.add_argument("--out_dir", required=True, help="directory for the PNGs and index.html")
     parser.add_argument("--layers", default=None, help="layers to draw, e.g. 0,2 (default: all)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
     parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: found from the checkpoint)")
     args = parser.parse_args(argv)
-    try:
-        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-            raise ValueError(f"--out_dir {args.out_dir} is a file")
-        device = torch.device(args.device)
-        model = load_model(args.ckpt_path)
-        tokenizer = Tokenizer(args.tokenizer or find_tokenizer(args.ckpt_path, model.config.vocab_size))
-        if tokenizer.n_words != model.config.vocab_size:
-            raise ValueError(f"{tokenizer.model_path} has {tokenizer.n_words} tokens, the model "
-                             f"{model.config.vocab_size} (give the right --tokenizer)")
-        layers = parse_layers(args.layers, model.config.n_layers)
-        files, note = visualize(model, tokenizer, args.prompt, args.out_dir, layers, device)
-    except (OSError, ValueError, RuntimeError, DataError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 1
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise RunError(f"--out_dir {args.out_dir} is a file")
+    device = torch.device(args.device)
+    model, ckpt = load_model(args.ckpt_path)
+    tokenizer = find_tokenizer(args.ckpt_path, ckpt, model.config.vocab_size, args.tokenizer)
+    layers = parse_layers(args.layers, model.config.n_layers)
+    files, note = visualize(model, tokenizer, args.prompt, args.out_dir, layers, device)
     if note:
         print(note)
     print(f"wrote {len(files)} files to {args.out_dir}; open {os.path.join(args.out_dir, 'index.html')}")

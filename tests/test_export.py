@@ -13,6 +13,7 @@ import torch
 import export
 import model as M
 import reference as R
+from checkpoints import CHECKPOINT_FILE, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def package(monkeypatch):
 
 
 def our_checkpoint(path, arch="current", **flags):
-    """A ckpt.pt as train.py writes it (model, model_args, kind, arch, config), weights redrawn at a large scale."""
+    """A checkpoint as train.py writes it (model, model_args, kind, arch, config), weights redrawn at a large scale."""
     flags = dict(dict(sa=2, ra=2, d_model=32, n_layers=2, symbol_type="symbolic_attention", pos_enc_type="RoPE",
                       ra_type="relational_attention", max_seq_len=16, vocab_size=50, arch=arch), **flags)
     torch.manual_seed(0)
@@ -49,7 +50,7 @@ def our_checkpoint(path, arch="current", **flags):
     dict(ra=0, sa=4),
 ], ids=["ra-symbolic", "disrca-relative", "rca-sa0", "transformer"])
 def test_export_loads_in_the_authors_package_with_equal_logits(flags, tmp_path, capsys, package):
-    model = our_checkpoint(tmp_path / "run" / "ckpt.pt", **flags)
+    model = our_checkpoint(tmp_path / "run" / CHECKPOINT_FILE, **flags)
     assert export.main(["--ckpt_path", str(tmp_path / "run"), "--out_dir", str(tmp_path / "hf")]) == 0
     out = capsys.readouterr().out
     kind = model.config.kind
@@ -61,7 +62,7 @@ def test_export_loads_in_the_authors_package_with_equal_logits(flags, tmp_path, 
     with torch.no_grad():
         expected = model(idx)[0]
         assert (theirs(idx)[0] - expected).abs().max().item() <= 1e-4
-        assert (R.load_model(str(tmp_path / "hf"))(idx)[0] - expected).abs().max().item() <= 1e-4
+        assert (load_model(str(tmp_path / "hf"))[0](idx)[0] - expected).abs().max().item() <= 1e-4
 
 
 def run_export(*argv, env=None):
@@ -71,7 +72,7 @@ def run_export(*argv, env=None):
 
 
 def test_bad_input_gives_one_line(tmp_path, capsys):
-    our_checkpoint(tmp_path / "paper" / "ckpt.pt", arch="paper")
+    our_checkpoint(tmp_path / "paper" / CHECKPOINT_FILE, arch="paper")
     (tmp_path / "file").write_text("")
     cases = [
         ((tmp_path / "missing", tmp_path / "out"), "does not exist"),

@@ -129,7 +129,7 @@ def test_flags_namespace_and_dict_agree():
 
 
 # -----------------------------------------------------------------------------
-# the Hugging Face format of the authors' package, and load_model
+# the Hugging Face format of the authors' package
 
 def the_package(monkeypatch):
     """The authors' `dual-attention` package (pip), with its RCA/DisRCA import fixed (they use model_utils without
@@ -186,13 +186,13 @@ def package_model(hf, kind, args):
 
 @pytest.mark.parametrize("name", PACKAGE_MODELS)
 def test_a_package_saved_model_loads_with_equal_logits(name, tmp_path, monkeypatch):
-    """save_pretrained of their package -> load_model -> the same logits; and back (save_hf_directory ->
+    """save_pretrained of their package -> load_hf_directory -> the same logits; and back (save_hf_directory ->
     their from_pretrained)."""
     hf = the_package(monkeypatch)
     kind, args = PACKAGE_MODELS[name]
     theirs = package_model(hf, kind, args)
     theirs.save_pretrained(tmp_path / "theirs")
-    ours = R.load_model(str(tmp_path / "theirs"))
+    ours = R.load_hf_directory(str(tmp_path / "theirs"))
     idx = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
         expected = theirs(idx)[0]
@@ -228,28 +228,6 @@ def test_grouped_query_attention_has_the_authors_shapes():
 def test_options_we_do_not_build_are_refused(change, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         R.config_from_reference("DualAttnTransformerLM", dat_args(**change))
-
-
-def test_load_model_reads_our_checkpoints_and_refuses_what_is_not_a_model(tmp_path):
-    fixture = load_fixture(FIXTURES / "parity" / "ra_posrel_rope.pt")
-    ckpt = dict(model=fixture["state_dict"], model_args=fixture["model_args"], kind=fixture["kind"], arch="current",
-                config=dict(vocab_size=0))
-    (tmp_path / "run").mkdir()
-    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
-    # the authors' train.py: no kind or arch, a compiled model's key prefix, their training config
-    theirs = dict(model={f"_orig_mod.{k}": v for k, v in fixture["state_dict"].items()},
-                  model_args=fixture["model_args"], iter_num=3, best_val_loss=torch.tensor(2.5), config={"sa": 2})
-    torch.save(theirs, tmp_path / "theirs.pt")
-    for path in (tmp_path / "run", tmp_path / "run" / "ckpt.pt", tmp_path / "theirs.pt"):
-        logits, _ = R.load_model(str(path))(fixture["idx"])
-        assert (logits - fixture["logits"]).abs().max().item() <= 1e-4
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "notes.txt").write_text("not a checkpoint")
-    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
-    for path, message in ((tmp_path / "missing", "does not exist"), (tmp_path / "empty", "neither a ckpt.pt"),
-                          (tmp_path / "notes.txt", "is not a checkpoint"), (tmp_path / "other.pt", "not a checkpoint")):
-        with pytest.raises((ValueError, FileNotFoundError), match=message):
-            R.load_model(str(path))
 
 
 def test_a_paper_era_model_is_not_exported(tmp_path):

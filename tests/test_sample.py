@@ -1,7 +1,7 @@
 """
-Tests of sample.py on checkpoints trained here (train.py on the toy corpus of tests/test_train.py, a few steps), on a
+Tests of sample.py on checkpoints trained here (train.py on the toy corpus of toy_runs.py, a few steps), on a
 checkpoint as the authors' train.py writes it, and its one-line errors (in a real process where the exit status is
-the point).
+the point). A Hugging Face directory and a damaged checkpoint: test_checkpoints.py.
 """
 
 import os
@@ -13,15 +13,17 @@ import torch
 
 import reference as R
 import sample
-from test_train import MODELS, REPO, VOCAB, args_for, data_dir, reference_checkpoint, the_run_dir  # noqa: F401
+import train
+from checkpoints import CHECKPOINT_FILE, load_model
+from tokenizer import Tokenizer
+from toy_runs import MODELS, REPO, VOCAB, args_for, reference_checkpoint, the_run_dir
 
 PROMPTS = ["Once upon a time, there was a", "Tom liked to"]
 
 
 @pytest.fixture(scope="module")
-def run_dirs(data_dir, tmp_path_factory):  # noqa: F811
+def run_dirs(data_dir, tmp_path_factory):
     """{name: run directory} of a Transformer, a DAT and a paper-arch DAT, trained for 4 steps."""
-    import train
     runs = {}
     for name in ("transformer", "disrca-posrel", "paper-ra-symbolic"):
         out_dir = tmp_path_factory.mktemp(name)
@@ -66,7 +68,7 @@ def test_samples_continue_the_prompts_with_and_without_the_cache(name, run_dirs,
 def test_the_run_directory_and_its_checkpoint_file_give_the_same_samples(run_dirs, capsys):
     run_dir = run_dirs["transformer"]
     outputs = []
-    for path in (run_dir, os.path.join(run_dir, "ckpt.pt")):
+    for path in (run_dir, os.path.join(run_dir, CHECKPOINT_FILE)):
         code, out, _ = run_sample(capsys, "--ckpt_path", path, "--max_new_tokens", 10, "--device", "cpu")
         assert code == 0
         outputs.append(samples_of(out))
@@ -83,12 +85,12 @@ def test_prompt_file(run_dirs, tmp_path, capsys):
     assert samples_of(from_file) == samples_of(from_flag)
 
 
-def test_a_checkpoint_of_the_authors_train_py(data_dir, tmp_path, capsys):  # noqa: F811
+def test_a_checkpoint_of_the_authors_train_py(data_dir, tmp_path, capsys):
     """Their config records vocab_size but no data_dir: the tokenizer is looked for in ./data (as train.py would)
     and named in the error; --tokenizer points to it."""
     flags = dict(sa=2, ra=2, symbol_type="position_relative", pos_enc_type="RoPE", ra_type="rca", n_layers=1,
                  d_model=32, max_seq_len=32, vocab_size=VOCAB)
-    model = reference_checkpoint(tmp_path / "ckpt.pt", flags)
+    model = reference_checkpoint(tmp_path / CHECKPOINT_FILE, flags)
     argv = ["--ckpt_path", tmp_path, "--prompt", PROMPTS[0], "--max_new_tokens", 8, "--temperature", 0,
             "--device", "cpu"]
     code, _, err = run_sample(capsys, *argv)
@@ -96,9 +98,9 @@ def test_a_checkpoint_of_the_authors_train_py(data_dir, tmp_path, capsys):  # no
     tokenizer = os.path.join(data_dir, f"tok{VOCAB}.model")
     code, out, err = run_sample(capsys, *argv, "--tokenizer", tokenizer)
     assert code == 0, err
-    ids = sample.Tokenizer(tokenizer).encode(PROMPTS[0])
+    ids = Tokenizer(tokenizer).encode(PROMPTS[0])
     expected = model.generate(torch.tensor([ids]), 8, temperature=0, use_cache=False)
-    assert samples_of(out) == [sample.Tokenizer(tokenizer).decode(expected[0].tolist()) + "\n"]
+    assert samples_of(out) == [Tokenizer(tokenizer).decode(expected[0].tolist()) + "\n"]
 
 
 def test_bfloat16_autocast_on_the_cpu(run_dirs, capsys):
@@ -125,11 +127,11 @@ def test_errors_end_the_process_with_one_line(tmp_path):
 
 def test_errors(run_dirs, tmp_path, capsys):
     run_dir = run_dirs["transformer"]
-    not_a_checkpoint = tmp_path / "ckpt.pt"
+    not_a_checkpoint = tmp_path / CHECKPOINT_FILE
     not_a_checkpoint.write_text("hello")
     bad_device = "cuda:7" if not torch.cuda.is_available() else "nonsense"
     for argv, code, message in [
-        (["--ckpt_path", not_a_checkpoint], 1, "is not a checkpoint"),
+        (["--ckpt_path", not_a_checkpoint], 1, "is not a readable checkpoint"),
         (["--ckpt_path", run_dir, "--tokenizer", tmp_path / "missing.model"], 1, "missing.model not found"),
         (["--ckpt_path", run_dir, "--prompt_file", tmp_path / "missing.txt"], 1, "--prompt_file"),
         (["--ckpt_path", run_dir, "--device", bad_device], 2, "--device"),
@@ -148,8 +150,8 @@ def test_errors(run_dirs, tmp_path, capsys):
         assert exit.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_reference_loads_what_sample_loads(run_dirs):
-    """sample.py's model is the checkpoint's, in eval mode."""
-    model, config = sample.load_checkpoint(run_dirs["paper-ra-symbolic"])
-    ckpt = torch.load(os.path.join(run_dirs["paper-ra-symbolic"], "ckpt.pt"), weights_only=True)
-    assert not model.training and config["arch"] == "paper" and model.config == R.config_from_checkpoint(ckpt)
+def test_the_loader_gives_the_checkpoint_s_model(run_dirs):
+    """The model sample.py loads (checkpoints.load_model) is the checkpoint's, in eval mode."""
+    model, ckpt = load_model(run_dirs["paper-ra-symbolic"])
+    saved = torch.load(os.path.join(run_dirs["paper-ra-symbolic"], CHECKPOINT_FILE), weights_only=True)
+    assert not model.training and ckpt["config"]["arch"] == "paper" and model.config == R.config_from_checkpoint(saved)

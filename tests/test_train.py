@@ -1,8 +1,8 @@
 """
-Tests of train.py on CPU with tiny models and a repetitive toy corpus, tokenized by a SentencePiece model that
-tiny_stories_data.py trains here in a second. Runs go through train.main() in this process where that is enough,
-and through real subprocesses where the process boundary is the point: exact resume in a new process, SIGTERM,
-two processes on one run directory, torchrun (gloo), the real W&B package offline.
+Tests of train.py on CPU with tiny models and the toy corpus of toy_runs.py. Runs go through train.main() in this
+process where that is enough, and through real subprocesses where the process boundary is the point: exact resume
+in a new process, SIGTERM, torchrun (gloo). Finding the run to resume, the run lock and the metrics log are
+tested in test_runs.py; damaged checkpoints in test_checkpoints.py.
 """
 
 import functools
@@ -10,10 +10,8 @@ import glob
 import json
 import math
 import os
-import random
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -23,100 +21,12 @@ import pytest
 import torch
 
 import reference as R
-import tiny_stories_data as D
 import train
-from loader import SHARD_DIR, LoaderSettings, eval_batches
+from loader import LoaderSettings, eval_batches
 from tokenizer import Tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
-VOCAB = 300
-TRANSFORMER = ["--sa", "4", "--ra", "0", "--symbol_type", "NA", "--pos_enc_type", "RoPE", "--ra_type", "NA"]
-SMALL = ["--n_layers", "1", "--d_model", "32", "--max_seq_len", "32", "--batch_size", "8", "--eval_iters", "2",
-         "--log_interval", "1", "--sample_tokens", "3", "--log_to_wandb", "0", "--vocab_size", str(VOCAB)]
-CONSTANT_LR = ["--use_cosine_sched", "0", "--learning_rate", "1e-2"]
-
-
-def dat(ra_type, symbol_type, pos_enc_type="RoPE"):
-    return ["--sa", "2", "--ra", "2", "--symbol_type", symbol_type, "--pos_enc_type", pos_enc_type,
-            "--ra_type", ra_type]
-
-
-# -----------------------------------------------------------------------------
-# helpers
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    """Three JSON shards of templated stories (shard 0 = val), a 300-piece BPE vocabulary, uint16 shards."""
-    root = tmp_path_factory.mktemp("toy_data")
-    rng = random.Random(0)
-    names, animals, places, verbs = ["Lily", "Tom", "Max", "Emma"], ["cat", "dog", "bird"], ["park", "garden"], \
-        ["play", "run", "jump"]
-
-    def story():
-        n, a, p, v = rng.choice(names), rng.choice(animals), rng.choice(places), rng.choice(verbs)
-        return (f"Once upon a time, there was a {a} named {n}. {n} liked to {v} in the {p}. "
-                f"One day, {n} went to the {p} to {v}. It was fun. The end.")
-
-    shards = root / SHARD_DIR
-    shards.mkdir()
-    for i in range(3):
-        (shards / f"data{i:02d}.json").write_text(json.dumps([{"story": story()} for _ in range(100)]))
-    D.train_vocab(VOCAB, str(root))
-    D.pretokenize(VOCAB, str(root), workers=1)
-    return str(root)
-
-
-def args_for(data_dir, out_dir, model_flags, *extra):
-    return [*model_flags, *SMALL, "--data_dir", data_dir, "--out_dir", str(out_dir), *map(str, extra)]
-
-
-def run_main(capsys, argv):
-    """train.main in this process: (exit code, stdout, stderr); argparse's exit is an exit code too."""
-    try:
-        code = train.main(list(map(str, argv)))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(err, *messages):
-    """stderr is exactly one `error: ...` line holding every message (so no traceback either)."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for message in messages:
-        assert message in lines[0], (message, lines[0])
-
-
-def run_script(argv, env=None, launcher=("train.py",), **kwargs):
-    """train.py in a subprocess (one intra-op thread, so runs do not fight over the two cores)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, *launcher, *map(str, argv)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=240, **kwargs)
-
-
-def the_run_dir(out_dir):
-    dirs = [d for d in glob.glob(os.path.join(glob.escape(str(out_dir)), "*")) if os.path.isdir(d)]
-    assert len(dirs) == 1, dirs
-    return dirs[0]
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def step_losses(run_dir):
-    """{step: training loss} (a resumed run appends to the same file)."""
-    return {r["iter"]: r["train/step_loss"] for r in metrics(run_dir) if "train/step_loss" in r}
-
-
-def evals(run_dir):
-    return [r for r in metrics(run_dir) if "val/loss" in r]
-
-
-def load_ckpt(run_dir):
-    return torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+from checkpoints import CHECKPOINT_FILE
+from toy_runs import (CONSTANT_LR, MODELS, REPO, TRANSFORMER, VOCAB, args_for, assert_one_line_error, dat, evals,
+                      load_ckpt, metrics, reference_checkpoint, run_main, run_script, step_losses, the_run_dir)
 
 
 def train_tokens(data_dir):
@@ -268,16 +178,6 @@ def test_epochs_or_max_iters_whichever_comes_first():
 # -----------------------------------------------------------------------------
 # training
 
-MODELS = {
-    "transformer": TRANSFORMER,
-    "ra-symbolic": dat("relational_attention", "symbolic_attention"),
-    "ra-posrel-symmetric": dat("relational_attention", "position_relative", "pos_emb") + ["--symmetric_rels", "1"],
-    "rca-symbolic": dat("rca", "symbolic_attention", "pos_emb"),
-    "rca-posrel": dat("rca", "position_relative"),
-    "disrca-symbolic": dat("disrca", "symbolic_attention"),
-    "disrca-posrel": dat("disrca", "position_relative", "pos_emb"),
-    "paper-ra-symbolic": dat("relational_attention", "symbolic_attention") + ["--arch", "paper"],
-}
 KINDS = dict(transformer="TransformerLM", paper="AbstractTransformerLM")  # else DualAttnTransformerLM
 
 
@@ -364,146 +264,22 @@ def test_paper_arch_decays_every_matrix_and_resumes(data_dir, tmp_path, capsys):
     assert f"step 4: train loss {evals(run_dir)[-1]['train/loss']:.4f}" in out
 
 
-@pytest.fixture(scope="module")
-def trained_run(data_dir, tmp_path_factory):
-    """A finished 4-step Transformer run with a checkpoint at step 4 (written by --always_save_checkpoint)."""
-    out = tmp_path_factory.mktemp("trained")
-    assert train.main(args_for(data_dir, out, TRANSFORMER, *CONSTANT_LR, "--max_iters", 4, "--eval_interval", 2,
-                               "--always_save_checkpoint", 1)) == 0
-    return the_run_dir(out)
-
-
 def test_eval_only_evaluates_and_writes_nothing(data_dir, tmp_path, capsys, trained_run):
     code, out, _ = run_main(capsys, args_for(data_dir, tmp_path / "fresh", TRANSFORMER, "--eval_only", 1))
     assert code == 0
     assert "step 0: train loss" in out and "val perplexity" in out
     assert not (tmp_path / "fresh").exists()
 
-    before, n_records = Path(trained_run, "ckpt.pt").read_bytes(), len(metrics(trained_run))
+    before, n_records = Path(trained_run, CHECKPOINT_FILE).read_bytes(), len(metrics(trained_run))
     code, out, _ = run_main(capsys, args_for(data_dir, tmp_path / "unused", TRANSFORMER, *CONSTANT_LR, "--eval_only",
                                              1, "--init_from", "resume", "--ckpt_path", trained_run))
     assert code == 0
     last = evals(trained_run)[-1]  # the evaluation the checkpoint was written after
     assert f"step 4: train loss {last['train/loss']:.4f}, val loss {last['val/loss']:.4f}" in out
-    assert Path(trained_run, "ckpt.pt").read_bytes() == before
+    assert Path(trained_run, CHECKPOINT_FILE).read_bytes() == before
     assert len(metrics(trained_run)) == n_records and "GENERATED" not in out
     assert not (tmp_path / "unused").exists()
 
-
-@pytest.mark.parametrize("flags,message", [
-    (["--arch", "paper"], "--arch current (this command: paper)"),
-    (["--n_layers", "2"], "--n_layers 1 (this command: 2)"),
-    (["--max_seq_len", "64"], "--max_seq_len 32 (this command: 64)"),
-    (["--learning_rate", "1e-3", "--batch_size", "4"], "--batch_size 8 (this command: 4), --learning_rate 0.01 "
-                                                       "(this command: 0.001)"),
-], ids=["arch", "n_layers", "max_seq_len", "training"])
-def test_resume_refuses_flags_of_another_run(data_dir, tmp_path, capsys, trained_run, flags, message):
-    before = Path(trained_run, "ckpt.pt").read_bytes()
-    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
-                                             "--ckpt_path", trained_run, *flags))
-    assert code == 2
-    assert_one_line_error(err, f"--ckpt_path {trained_run}/ckpt.pt: the run was trained with other settings: "
-                               f"{message}; give the run's flags")
-    assert Path(trained_run, "ckpt.pt").read_bytes() == before
-
-
-def test_resume_without_recorded_settings_names_model_flags(data_dir, tmp_path, capsys, trained_run):
-    """A checkpoint that records no settings (no config.json, no config) is checked on its model: the error names
-    the flag (--max_seq_len), not the constructor's argument (max_block_size)."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    torch.save(dict(load_ckpt(trained_run), config=None), run_dir / "ckpt.pt")
-    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
-                                             "--ckpt_path", run_dir, "--max_seq_len", 64))
-    assert code == 2
-    assert_one_line_error(err, "the flags describe another model than the checkpoint's: --max_seq_len 32 (flags: 64)")
-    assert "max_block_size" not in err
-
-
-def run_dirs(out_dir):
-    return {d for d in glob.glob(os.path.join(glob.escape(str(out_dir)), "*")) if os.path.isdir(d)}
-
-
-def test_resume_continues_the_run_the_command_describes(data_dir, tmp_path, capsys):
-    """The issue's reproduction: run A, then run B with other training settings in the same out_dir; A's command
-    plus --init_from resume continues A, not the newer B, and says what changed. A command that matches no run, or
-    two runs, stops with one line listing them; --ckpt_path picks one."""
-    a = args_for(data_dir, tmp_path, TRANSFORMER, "--use_cosine_sched", 0, "--learning_rate", 1e-3, "--max_iters", 4,
-                 "--eval_interval", 4)
-    assert run_main(capsys, a)[0] == 0
-    [run_a] = run_dirs(tmp_path)
-    assert run_main(capsys, a + ["--learning_rate", 1e-4, "--batch_size", 4])[0] == 0
-    [run_b] = run_dirs(tmp_path) - {run_a}
-    b_ckpt = Path(run_b, "ckpt.pt").read_bytes()
-
-    code, out, _ = run_main(capsys, a + ["--init_from", "resume", "--max_iters", 8, "--ra_type", "rca"])  # (unused)
-    assert code == 0
-    assert f"resuming from {run_a}/ckpt.pt\nchanged since the run's last leg: --max_iters 4 -> 8\n" in out
-    assert load_ckpt(run_a)["iter_num"] == 8 and Path(run_b, "ckpt.pt").read_bytes() == b_ckpt
-    assert json.loads(Path(run_a, "config.json").read_text())["max_iters"] == 8  # the latest leg
-
-    Path(run_b, "config.json").unlink()  # a run from before config.json: its checkpoint's config is read instead
-    code, _, err = run_main(capsys, a + ["--init_from", "resume", "--learning_rate", 5e-4])
-    assert code == 2
-    assert_one_line_error(err, f"--init_from resume: no run in {tmp_path} has this command's settings: ",
-                          f"{run_a} (--learning_rate 0.001 (this command: 0.0005))",
-                          f"{run_b} (--batch_size 4 (this command: 8), --learning_rate 0.0001 (this command: 0.0005))",
-                          "give the flags of the run to continue")
-
-    assert run_main(capsys, a)[0] == 0  # a second run with A's settings
-    code, _, err = run_main(capsys, a + ["--init_from", "resume"])
-    assert code == 2
-    assert_one_line_error(err, f"--init_from resume: 2 runs in {tmp_path} have this command's settings: ", run_a,
-                          "choose one with --ckpt_path DIR")
-    code, out, _ = run_main(capsys, a + ["--init_from", "resume", "--ckpt_path", run_a, "--max_iters", 10])
-    assert code == 0 and "resumed at step 8" in out and load_ckpt(run_a)["iter_num"] == 10
-
-
-def test_a_second_process_cannot_write_a_run_in_use(data_dir, tmp_path, trained_run):
-    """Two processes resume one run: the second stops at once with one line naming the directory and the first
-    one's pid; the first is not disturbed. After kill -9 of the first, the OS has dropped its lock, and the
-    checkpoint and metrics it wrote are whole."""
-    run_dir = str(shutil.copytree(trained_run, tmp_path / "out" / "run"))
-    argv = args_for(data_dir, tmp_path / "out", TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
-                    "--max_iters", 100_000, "--eval_interval", 2, "--always_save_checkpoint", 1)
-    first = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in first.stdout:
-            if line.startswith("6 | loss"):  # training, with a checkpoint written at step 6
-                break
-        second = run_script(argv)
-        assert first.poll() is None, first.stderr.read()
-    finally:
-        first.kill()
-        first.wait(timeout=60)
-    assert second.returncode == 1
-    assert_one_line_error(second.stderr, f"the run directory {run_dir} is in use by another process (pid "
-                                         f"{first.pid}): wait for it to end, or stop it first")
-    assert load_ckpt(run_dir)["iter_num"] >= 6
-    assert [r["iter"] for r in evals(run_dir)][:4] == [0, 2, 4, 4]  # whole JSON lines: the first run's, then ours
-    with train.run_lock(run_dir):
-        pass
-
-
-@pytest.mark.parametrize("damage", ["truncated", "flipped bit", "empty", "text"])
-def test_a_corrupt_checkpoint_is_one_line(data_dir, tmp_path, capsys, trained_run, damage):
-    run_dir = shutil.copytree(trained_run, tmp_path / "run")
-    path = Path(run_dir, "ckpt.pt")
-    data = bytearray(path.read_bytes())
-    if damage == "truncated":
-        data = data[:len(data) // 2]
-    elif damage == "flipped bit":
-        data[len(data) // 2] ^= 0x10  # inside a tensor: torch.load alone would not notice
-    else:
-        data = b"" if damage == "empty" else b"not a checkpoint\n"
-    path.write_bytes(data)
-    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
-                                             "--ckpt_path", run_dir, "--max_iters", 6))
-    assert code == 1
-    why = "is corrupted (checksum mismatch" if damage == "flipped bit" else "is not a readable checkpoint"
-    assert_one_line_error(err, f"{path} {why}", "use another copy of the checkpoint, or start the run afresh")
-    assert path.read_bytes() == data
 
 
 def test_token_ids_outside_the_vocabulary_stop_before_training(data_dir, tmp_path, capsys):
@@ -520,48 +296,19 @@ def test_token_ids_outside_the_vocabulary_stop_before_training(data_dir, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_an_unwritable_out_dir_is_one_line(data_dir, tmp_path, capsys):
-    (tmp_path / "file").write_text("in the way")
-    code, _, err = run_main(capsys, args_for(data_dir, tmp_path / "file" / "out", TRANSFORMER, "--max_iters", 2))
-    assert code == 1
-    assert_one_line_error(err, f"cannot create the run directory {tmp_path}/file/out/", "(check --out_dir)")
-
-
-@pytest.mark.parametrize("full", ["metrics.jsonl", "ckpt.pt.tmp"])
-def test_a_full_disk_stops_with_one_line_and_keeps_the_checkpoint(data_dir, tmp_path, capsys, trained_run, full):
-    """Writes that really fail with ENOSPC: the file is a link to /dev/full."""
-    if not os.path.exists("/dev/full"):
-        pytest.skip("needs /dev/full")
-    run_dir = shutil.copytree(trained_run, tmp_path / "run")
-    good = Path(run_dir, "ckpt.pt").read_bytes()
-    if full == "metrics.jsonl":
-        Path(run_dir, full).unlink()
-    os.symlink("/dev/full", Path(run_dir, full))
-    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
-                                             "--ckpt_path", run_dir, "--max_iters", 6, "--eval_interval", 2,
-                                             "--always_save_checkpoint", 1))
-    assert code == 1
-    assert_one_line_error(err, {
-        "metrics.jsonl": f"writing {run_dir}/metrics.jsonl failed (No space left on device): stopped; the checkpoint "
-                         f"written last is kept",
-        "ckpt.pt.tmp": f"writing the checkpoint {run_dir}/ckpt.pt failed (No space left on device): stopped, the "
-                       f"previous checkpoint is kept"}[full])
-    assert Path(run_dir, "ckpt.pt").read_bytes() == good
-    assert not os.path.lexists(Path(run_dir, "ckpt.pt.tmp"))
-
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, capsys, trained_run):
     run_dir = shutil.copytree(trained_run, tmp_path / "run")
     config = json.loads(Path(run_dir, "config.json").read_text())  # as if the run had been started at lr 1e9
     Path(run_dir, "config.json").write_text(json.dumps(dict(config, learning_rate=1e9)))
-    good = Path(run_dir, "ckpt.pt").read_bytes()
+    good = Path(run_dir, CHECKPOINT_FILE).read_bytes()
     code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, "--init_from", "resume",
                                              "--ckpt_path", run_dir, "--use_cosine_sched", 0, "--learning_rate", 1e9,
                                              "--max_iters", 40, "--eval_interval", 100, "--always_save_checkpoint", 1))
     assert code == 1
     assert "error: the training loss is nan at step" in err
     assert f"the last good checkpoint stays in {run_dir}" in err
-    assert Path(run_dir, "ckpt.pt").read_bytes() == good
+    assert Path(run_dir, CHECKPOINT_FILE).read_bytes() == good
     stopped_at = int(err.split("at step ")[1].split(":")[0])
     assert max(step_losses(run_dir)) == stopped_at - 1  # the NaN step is not logged
 
@@ -654,34 +401,12 @@ def test_the_logged_rate_is_an_interval_average_without_evaluation(data_dir, tmp
     assert f"8 | loss {logs[8]['train/step_loss']:.4f} | lr {logs[8]['lr']:.3e} | 107.5 ms/step | 2,381 tok/s" in out
 
 
-def reference_checkpoint(path, flags):
-    """A checkpoint as the authors' train.py writes it (no kind/arch/loader/rng; keys of a compiled model; the
-    optimizer grouped as theirs: trainable tensors with >= 2 dims decay, in named_parameters order), 3 steps in."""
-    kind, model_args = R.model_args_from_flags(flags)
-    torch.manual_seed(0)
-    model = R.from_reference(kind, model_args).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=1e-3, betas=(0.9, 0.95))
-    for _ in range(3):
-        idx = torch.randint(VOCAB, (4, 17))
-        model(idx[:, :-1], idx[:, 1:])[1].backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    config = dict(flags, batch_size=8, learning_rate=1e-3, device="cuda", dtype="bfloat16", compile=True)
-    torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(), "model_args": model_args, "iter_num": 3,
-                "best_val_loss": torch.tensor(9.5), "config": config}, path)
-    return model.eval()
-
-
 def test_a_reference_checkpoint_evaluates_and_resumes(data_dir, tmp_path, capsys):
     flags = dict(sa=2, ra=2, symbol_type="symbolic_attention", pos_enc_type="RoPE", ra_type="relational_attention",
                  n_layers=1, d_model=32, max_seq_len=32, vocab_size=VOCAB)
     run_dir = tmp_path / "reference_run"
     run_dir.mkdir()
-    model = reference_checkpoint(run_dir / "ckpt.pt", flags)
+    model = reference_checkpoint(run_dir / CHECKPOINT_FILE, flags)
     with torch.no_grad():
         val = [model(x, y)[1].item() for x, y in eval_windows(data_dir)]
     argv = args_for(data_dir, tmp_path, MODELS["ra-symbolic"], "--init_from", "resume", "--ckpt_path", run_dir)
@@ -773,70 +498,10 @@ def test_torchrun_two_cpu_processes(data_dir, tmp_path):
     assert result.stdout.count("GENERATED SAMPLES") == 1 and result.stdout.count("PROMPT:") == 7
     assert result.stdout.count("step 4: train loss") == 1
     run_dir = the_run_dir(tmp_path)
-    assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "config.json", "metrics.jsonl", "train.lock"]
+    assert sorted(os.listdir(run_dir)) == sorted([CHECKPOINT_FILE, "config.json", "metrics.jsonl", "train.lock"])
     ckpt = load_ckpt(run_dir)
     assert ckpt["iter_num"] == 4 and len(ckpt["loader"]) == 2
     assert ckpt["loader"][0]["rng"] != ckpt["loader"][1]["rng"]  # each rank draws its own batches
     assert evals(run_dir)[-1]["val/loss"] < evals(run_dir)[0]["val/loss"]
 
 
-def wandb_records(path):
-    """The records of a .wandb file: W&B's protobuf Records in its LevelDB-style log (7-byte file header, 32 KiB
-    blocks, each chunk: crc32 uint32, length uint16, type uint8 = full/first/middle/last)."""
-    from wandb.proto import wandb_internal_pb2
-    data, records, pending, pos = Path(path).read_bytes(), [], b"", 7
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # block trailer
-            pos += 32768 - pos % 32768
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        pending += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
-
-
-def test_wandb_without_credentials_logs_offline(data_dir, tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(HOME=str(home), NETRC=str(home / "no_netrc"), WANDB_CONFIG_DIR=str(home / "wandb_config"))
-    result = subprocess.run([sys.executable, "train.py",
-                             *args_for(data_dir, tmp_path / "out", TRANSFORMER, *CONSTANT_LR, "--max_iters", 4,
-                                       "--eval_interval", 2, "--log_to_wandb", 1, "--wandb_project", "test-project")],
-                            cwd=REPO, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                            timeout=240, stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stderr
-    notes = [line for line in result.stdout.splitlines() if line.startswith("W&B: no credentials")]
-    assert len(notes) == 1 and "wandb sync" in notes[0]
-
-    run_dir = the_run_dir(tmp_path / "out")
-    [wandb_file] = glob.glob(os.path.join(glob.escape(run_dir), "wandb", "offline-run-*", "*.wandb"))
-    records = wandb_records(wandb_file)
-    [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-    assert run.project == "test-project" and run.display_name == os.path.basename(run_dir)
-    assert run.run_id == load_ckpt(run_dir)["wandb_run_id"]  # a resumed run continues this W&B run
-    config = {item.key: json.loads(item.value_json) for item in run.config.update}
-    assert config["arch"] == "current" and config["kind"] == "TransformerLM" and config["max_iters"] == 4
-    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
-               for r in records if r.WhichOneof("record_type") == "history"]
-    curves = [h for h in history if "val/loss" in h]
-    assert [h["iter"] for h in curves] == [0, 2, 4]
-    for key in ("train/loss", "val/loss", "train/perplexity", "val/perplexity", "lr", "tokens"):
-        assert all(isinstance(h[key], float | int) for h in curves), key
-    assert [h["train/step_loss"] for h in history if "train/step_loss" in h] == \
-        [step_losses(run_dir)[i] for i in range(4)]
-
-    [table] = [h for h in history if "Generated Samples/_type" in h]
-    assert table["Generated Samples/_type"] == "table-file" and table["Generated Samples/nrows"] == 7
-    files = os.path.join(os.path.dirname(wandb_file), "files")
-    samples = json.loads(Path(files, table["Generated Samples/path"]).read_text())
-    assert samples["columns"] == ["Prompt", "Generated Sample"]
-    assert [row[0] for row in samples["data"]] == train.PROMPTS
-    printed = result.stdout.split("GENERATED SAMPLES")[1]
-    assert all(row[1] in printed for row in samples["data"])

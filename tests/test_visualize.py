@@ -1,4 +1,4 @@
-"""visualize.py on a real checkpoint trained here (train.py, the toy corpus and tokenizer of test_train.py): every
+"""visualize.py on a real checkpoint trained here (train.py, the toy corpus and tokenizer of toy_runs.py): every
 panel of every layer, index.html, the crop of long prompts, and one-line errors."""
 
 import re
@@ -8,13 +8,14 @@ import torch
 
 import train
 import visualize
-from test_train import args_for, dat, data_dir, the_run_dir  # noqa: F401  (data_dir is a fixture)
+from checkpoints import CHECKPOINT_FILE
+from toy_runs import args_for, dat, the_run_dir
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def trained_dat(data_dir, tmp_path_factory):  # noqa: F811
+def trained_dat(data_dir, tmp_path_factory):
     """Two training steps of a 2-layer DAT (relational attention, symbolic attention): its run directory."""
     out = tmp_path_factory.mktemp("viz_run")
     argv = args_for(data_dir, out, dat("relational_attention", "symbolic_attention"), "--n_layers", 2,
@@ -39,8 +40,8 @@ def test_every_panel_of_every_layer(trained_dat, tmp_path, capsys):
 def test_layers_and_long_prompts(trained_dat, tmp_path, capsys):
     long_prompt = " ".join(["Tom and Lily played in the garden with the dog."] * 8)
     out = tmp_path / "viz"
-    assert visualize.main(["--ckpt_path", f"{trained_dat}/ckpt.pt", "--prompt", long_prompt, "--out_dir", str(out),
-                           "--layers", "1"]) == 0
+    assert visualize.main(["--ckpt_path", f"{trained_dat}/{CHECKPOINT_FILE}", "--prompt", long_prompt,
+                           "--out_dir", str(out), "--layers", "1"]) == 0
     note = capsys.readouterr().out.splitlines()[0]
     assert re.fullmatch(r"The prompt has \d+ tokens; the maps show its first 32\.", note)  # the block size, < 64
     assert sorted(p.name for p in out.glob("*.png"))[0].startswith("layer1_")

@@ -1,0 +1,270 @@
+"""
+The run directories of train.py: their names, the settings that make a run and the run that --init_from resume
+continues, the lock of one writer, config.json, and the metrics log (metrics.jsonl and W&B).
+
+A run directory out_dir/<run name>/ holds config.json (the settings of the latest leg), the checkpoint
+(checkpoints.CHECKPOINT_FILE), metrics.jsonl and train.lock.
+"""
+
+import fcntl
+import glob
+import json
+import os
+import shlex
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, fields
+from datetime import datetime
+
+import model as M
+import reference
+from checkpoints import CHECKPOINT_FILE, DAMAGED_ADVICE, checkpoint_file, read_checkpoint
+from runtime import RunError
+
+DERIVED_FIELDS = ("bias", "n_symbols", "symbol_heads", "max_rel_pos")  # ModelConfig fields that are not flags
+MODEL_FLAGS = tuple(f.name for f in fields(M.ModelConfig) if f.name not in DERIVED_FIELDS)
+# the settings that make a run: --init_from resume continues the run whose recorded settings all equal the command's
+# (every other flag may change from one leg of a run to the next, e.g. --max_iters, --eval_interval, --dropout_rate)
+RUN_SETTINGS = tuple(f for f in MODEL_FLAGS if f != "dropout_rate") + (
+    "data_dir", "dtype", "batch_size", "gradient_accumulation_steps", "learning_rate", "use_cosine_sched",
+    "warmup_iters", "weight_decay", "beta1", "beta2", "grad_clip", "seed")
+START_FLAGS = ("init_from", "ckpt_path", "out_dir", "eval_only")  # how a leg starts, not what the run is
+CONFIG_FILE, LOCK_FILE, METRICS_FILE = "config.json", "train.lock", "metrics.jsonl"
+RESUME_ADVICE = f"{DAMAGED_ADVICE}, or start the run afresh without --init_from resume"
+
+
+# -----------------------------------------------------------------------------
+# names and directories
+
+def run_name(args):
+    """The reference's run name: the model's main flags, then `__` and a timestamp."""
+    if args.ra > 0:
+        name = (f"sa={args.sa}; ra={args.ra}; d={args.d_model}; L={args.n_layers}; ra_type={args.ra_type}; "
+                f"sym_rel={bool(args.symmetric_rels)}; symbol_type={args.symbol_type}; "
+                f"pos_enc_type={args.pos_enc_type}")
+    else:
+        name = f"sa={args.sa}; d={args.d_model}; L={args.n_layers}; pos_enc_type={args.pos_enc_type}"
+    if args.arch != "current":
+        name += f"; arch={args.arch}"
+    return f"{name}__{datetime.now().strftime('%Y_%m_%d_%H_%M_%S')}"
+
+
+def new_run_dir(args):
+    """out_dir/<run name>, created here (with a suffix when two runs start within the same second)."""
+    base = path = os.path.join(args.out_dir, run_name(args))
+    n = 1
+    while True:
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            n += 1
+            path = f"{base}_{n}"
+        except OSError as e:
+            raise RunError(f"cannot create the run directory {path}: {e.strerror} (check --out_dir)") from None
+
+
+@contextmanager
+def run_lock(run_dir):
+    """One writer per run directory: an exclusive lock on run_dir/train.lock (which holds the owner's pid), held
+    while the block runs; the OS drops it when the process ends, kill -9 included. RunError if another process
+    holds it."""
+    path = os.path.join(run_dir, LOCK_FILE)
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise RunError(f"cannot write to the run directory {run_dir}: {e.strerror}") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunError(f"the run directory {run_dir} is in use by another process (pid "
+                           f"{f.read().strip() or 'unknown'}): wait for it to end, or stop it first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
+def write_config(run_dir, config):
+    """The run's settings as run_dir/config.json (written anew at the start of every leg, atomically)."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(config, f, indent=1)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise RunError(f"cannot write {path}: {e.strerror}") from None
+
+
+# -----------------------------------------------------------------------------
+# the settings of a run, and the run to resume
+
+def run_settings(flags):
+    """The RUN_SETTINGS in a dict of flags (a command's or a run's record), for comparison: the model's as
+    ModelConfig holds them where the record allows (it resets the flags a model does not use, e.g. a Transformer's
+    --symbol_type), data_dir normalised."""
+    values = {name: flags[name] for name in RUN_SETTINGS if name in flags}
+    try:
+        model = asdict(M.ModelConfig.from_flags(flags))
+        values.update({name: model[name] for name in MODEL_FLAGS if name in values and name != "vocab_size"})
+    except (ValueError, TypeError):  # a record that builds no model: compared as written
+        pass
+    if isinstance(values.get("data_dir"), str):
+        values["data_dir"] = os.path.normpath(values["data_dir"])
+    return values
+
+
+def recorded_config(ckpt_path):
+    """The config a run recorded: config.json next to its checkpoint, else (a run of the authors' train.py, or one
+    of ours from before config.json) the config stored in the checkpoint, read without loading its tensors.
+    RunError if neither can be read."""
+    path = os.path.join(os.path.dirname(ckpt_path), CONFIG_FILE)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise RunError(f"{path} is unreadable ({e})") from None
+        if not isinstance(config, dict):
+            raise RunError(f"{path} is not a JSON object of settings")
+        return config
+    ckpt = read_checkpoint(ckpt_path, mmap=True, advice=RESUME_ADVICE)
+    config = dict(ckpt.get("config") or {})
+    if "kind" not in ckpt:  # the authors' train.py has no --dtype: their dtype was their GPU's, not a setting
+        config.pop("dtype", None)
+    return config
+
+
+def setting_differences(recorded, ours):
+    """'--flag RECORDED (this command: OURS)' for each run setting that the run recorded with another value."""
+    theirs, mine = run_settings(recorded), run_settings(ours)
+    return [f"--{name} {recorded[name]} (this command: {ours[name]})" for name in RUN_SETTINGS
+            if name in theirs and theirs[name] != mine[name]]
+
+
+def find_run(args, dtype):
+    """(checkpoint path, recorded config) of the run that --init_from resume continues: --ckpt_path (a file or a
+    run directory), else the one run under out_dir that recorded exactly this command's RUN_SETTINGS. RunError,
+    never a guess: when --ckpt_path's run has other settings (code 2, naming the flags), when no run under out_dir
+    matches (code 2, listing each run and its differing flags) or when several do (code 2, listing them)."""
+    ours = dict(vars(args), dtype=dtype)
+    if args.ckpt_path:
+        path = checkpoint_file(args.ckpt_path)
+        recorded = recorded_config(path)
+        differ = setting_differences(recorded, ours)
+        if differ:
+            raise RunError(f"--ckpt_path {path}: the run was trained with other settings: {', '.join(differ)}; give "
+                           f"the run's flags to continue it", code=2)
+        return path, recorded
+    found = sorted(glob.glob(os.path.join(glob.escape(args.out_dir), "*", CHECKPOINT_FILE)), key=os.path.getmtime,
+                   reverse=True)
+    if not found:
+        raise RunError(f"--init_from resume: no run directory with a {CHECKPOINT_FILE} in {args.out_dir} "
+                       "(give --out_dir or --ckpt_path)")
+    matches, others = [], []
+    for path in found:
+        try:
+            recorded = recorded_config(path)
+            differ = setting_differences(recorded, ours)
+        except RunError as e:
+            recorded, differ = None, [str(e)]
+        if differ:
+            others.append(f"{os.path.dirname(path)} ({', '.join(differ)})")
+        else:
+            matches.append((path, recorded))
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise RunError(f"--init_from resume: {len(matches)} runs in {args.out_dir} have this command's settings: "
+                       f"{', '.join(os.path.dirname(p) for p, _ in matches)}; choose one with --ckpt_path DIR", code=2)
+    raise RunError(f"--init_from resume: no run in {args.out_dir} has this command's settings: {'; '.join(others)}; "
+                   f"give the flags of the run to continue (with --ckpt_path DIR to name it)", code=2)
+
+
+def changed_settings(recorded, args, device):
+    """'--flag OLD -> NEW' for the flags outside RUN_SETTINGS that this leg of the run changes (e.g. --max_iters)."""
+    current = dict(vars(args), device=str(device))
+    return [f"--{name} {recorded[name]} -> {value}" for name, value in current.items()
+            if name not in RUN_SETTINGS and name not in START_FLAGS and name in recorded and recorded[name] != value]
+
+
+def check_checkpoint_model(ckpt, config):
+    """Refuse flags that describe another model than the checkpoint's (only the dropout rate may differ)."""
+    try:
+        theirs = reference.config_from_checkpoint(ckpt)
+    except ValueError as e:
+        raise RunError(f"the checkpoint's model: {e}") from None
+    if theirs.arch != config.arch:
+        raise RunError(f"the checkpoint is --arch {theirs.arch}, the flags say --arch {config.arch}: pass --arch "
+                       f"{theirs.arch}", code=2)
+    differ = [f"{'' if name in DERIVED_FIELDS else '--'}{name} {getattr(theirs, name)!r} "
+              f"(flags: {getattr(config, name)!r})" for name in (f.name for f in fields(config))
+              if name != "dropout_rate" and getattr(theirs, name) != getattr(config, name)]
+    if differ:
+        raise RunError("the flags describe another model than the checkpoint's: " + "; ".join(differ), code=2)
+
+
+# -----------------------------------------------------------------------------
+# the metrics log
+
+class Logger:
+    """Rank 0 prints, appends to <run dir>/metrics.jsonl (exact floats) and logs to W&B; other ranks stay silent."""
+
+    def __init__(self, master):
+        self.master, self.metrics, self.metrics_path, self.wandb = master, None, None, None
+
+    def print(self, *parts):
+        if self.master:
+            print(*parts, flush=True)
+
+    def open(self, run_dir):
+        self.metrics_path = os.path.join(run_dir, METRICS_FILE)
+        try:
+            self.metrics = open(self.metrics_path, "a")
+        except OSError as e:
+            raise RunError(f"cannot write {self.metrics_path}: {e.strerror}") from None
+
+    def log(self, record):
+        if self.metrics:
+            try:
+                self.metrics.write(json.dumps(record) + "\n")
+                self.metrics.flush()
+            except OSError as e:  # a full disk, say: stop with the checkpoints written so far
+                metrics, self.metrics = self.metrics, None
+                with suppress(OSError):
+                    metrics.close()
+                raise RunError(f"writing {self.metrics_path} failed ({e.strerror}): stopped; the checkpoint written "
+                               f"last is kept: make room, then continue with --init_from resume") from None
+        if self.wandb:
+            self.wandb.log(record)
+
+    def start_wandb(self, args, name, run_dir, config, run_id):
+        """A W&B run in run_dir (run run_id continued, when given) and its id (run_id with --log_to_wandb 0).
+        Without credentials it logs offline with a one-line note: it never prompts."""
+        if not args.log_to_wandb:
+            return run_id
+        import wandb
+        offline = (os.environ.get("WANDB_MODE") not in ("offline", "dryrun", "disabled")
+                   and not wandb.login(prompt=False, verify=False))
+        self.wandb = wandb.init(project=args.wandb_project, name=name, config=config, id=run_id, resume="allow",
+                                dir=run_dir, mode="offline" if offline else None)
+        self.wandb.define_metric("*", step_metric="iter")
+        if offline:
+            local = os.path.dirname(self.wandb.dir)
+            print(f"W&B: no credentials (WANDB_API_KEY or `wandb login`): logging offline to {local}; "
+                  f"upload it later with `wandb sync {shlex.quote(local)}`", flush=True)
+        return self.wandb.id
+
+    def log_samples(self, prompts, samples):
+        if self.wandb:
+            import wandb
+            table = wandb.Table(columns=["Prompt", "Generated Sample"], data=[list(r) for r in zip(prompts, samples)])
+            self.wandb.log({"Generated Samples": table})
+
+    def close(self, exit_code=0):
+        if self.metrics:
+            self.metrics.close()
+        if self.wandb:
+            self.wandb.finish(exit_code=exit_code)
