@@ -6,6 +6,7 @@ formulation ('plain'), train.py's own training loop ('train.py') and the authors
     python -m bench.train --configs dat_d64_L4_symattn,tf_d64_L4 --impls fast --steps 30
     python -m bench.train --authors_code ../shared/reference --json results.json
     python -m bench.train --train_py 0       # model steps only, no data needed
+    python -m bench.train --baseline d0bbca5 # the fast path of this code against a commit's (or a directory's)
 
 fast / plain: full training steps (forward, backward, fused AdamW, bf16 autocast on CUDA, torch.compile on CUDA)
 on random tokens, in this process: tokens/s, ms/step, peak memory and MFU (from the model's own FLOP count, against
@@ -27,6 +28,12 @@ built from the same flags the way their train.py builds them, timed like 'fast' 
 --authors_compile 0, bf16, their fused AdamW) by bench.authors in a process of its own; out of memory and other
 failures are reported per config.
 
+--baseline REF (a commit of this repository, or a directory holding another checkout) times, instead of all the
+above, the 'fast' steps of REF's code and of the current code per config, in this process (bench.baseline keeps
+their modules apart), on the same random batch: warm-up steps of each, then --baseline_rounds rounds of --steps
+steps of REF, then --steps of the current code, so that a drift of the GPU's clocks hits both alike. It prints the
+median tokens/s of each side and current / REF (below 1: the current code is slower).
+
 The summary gives, per config: fast tokens/s, train.py tokens/s and train.py / fast (the target: at least 0.95),
 authors tokens/s and fast / authors. --json writes everything; it is rewritten after each measurement, so an
 interrupted run keeps what it measured.
@@ -37,6 +44,7 @@ import glob
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,8 +55,9 @@ import torch
 import model as M
 import reference
 import tiny_stories_data as D
-from bench.common import (Column, Table, peak_memory_gib, release_memory, reset_peak_memory, seconds_per_call,
-                          training_step)
+from bench import baseline
+from bench.common import (Column, Table, alternate, peak_memory_gib, release_memory, reset_peak_memory,
+                          seconds_per_call, training_step)
 
 
 def config(sa, ra, d_model, n_layers, batch, seq, symbol_type="symbolic_attention", ra_type="relational_attention"):
@@ -248,6 +257,65 @@ def run_authors(name, cfg, args, device, compile_model):
 
 
 # -----------------------------------------------------------------------------
+# --baseline: the same steps with the code of another commit
+
+def one_line(error):
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
+def run_baseline(name, cfg, code, device, compile_model, args):
+    """Median tokens/s of the baseline's model and of the current one for a config, on the same batch, in
+    alternating chunks of args.steps steps (the baseline's first in each round), and current / baseline."""
+    row = dict(config=name, compile=compile_model)
+    try:
+        torch.manual_seed(0)
+        theirs = code.build(cfg["flags"]).to(device)
+    except Exception as e:  # a config that commit does not know, say: reported in its row
+        return dict(row, error=f"baseline: {one_line(e)}")
+    x, y = random_batch(cfg, device)
+    try:
+        steps = {side: step_fn(model, device, compile_model) for side, model in
+                 (("baseline", theirs), ("current", build(cfg, device)))}
+        times = alternate({side: lambda step=step: step(x, y) for side, step in steps.items()}, args.steps,
+                          args.baseline_rounds, args.warmup, device)
+    except torch.OutOfMemoryError:
+        return dict(row, error="out of memory")
+    except Exception as e:  # an older forward's signature, say: reported in its row
+        return dict(row, error=one_line(e))
+    rates = {side: [x.numel() / t for t in seconds] for side, seconds in times.items()}  # B * T tokens a step
+    baseline_rate, current_rate = (statistics.median(rates[side]) for side in ("baseline", "current"))
+    return dict(row, baseline=baseline_rate, current=current_rate, current_over_baseline=current_rate / baseline_rate,
+                rounds_tokens_per_s=rates)
+
+
+BASELINE = Table(Column("config", 22, align="<"), Column("baseline tok/s", 15, ",.0f"),
+                 Column("current tok/s", 15, ",.0f"), Column("current/baseline", 16, ".3f"))
+
+
+def print_baseline_row(r):
+    if "error" in r:
+        print(f"{BASELINE.row(r['config'])}  {r['error']}", flush=True)
+    else:
+        print(BASELINE.row(r["config"], r["baseline"], r["current"], r["current_over_baseline"]), flush=True)
+
+
+def guard(ref, names, chosen, args, device, compile_model, meta):
+    """--baseline: the rows of run_baseline for every config, printed and kept in --json."""
+    meta = dict(meta, baseline=baseline.describe(ref), rounds=args.baseline_rounds)
+    print(f"baseline {meta['baseline']}: {args.baseline_rounds} rounds of {args.steps} steps per side, "
+          f"alternating; median tokens/s\n{BASELINE.header()}")
+    rows = []
+    with baseline.checkout(ref) as directory:
+        code = baseline.Code(directory)
+        for name in names:
+            rows.append(run_baseline(name, chosen[name], code, device, compile_model, args))
+            print_baseline_row(rows[-1])
+            release_memory(device)
+            if args.json:
+                Path(args.json).write_text(json.dumps(dict(meta=meta, baseline=rows), indent=2))
+
+
+# -----------------------------------------------------------------------------
 # report
 
 ROWS = Table(Column("config", 22, align="<"), Column("impl", 8, align="<"), Column("cmp", 3, "d"),
@@ -317,9 +385,16 @@ def main():
     parser.add_argument("--authors_compile", type=int, default=None, choices=(0, 1),
                         help="torch.compile the authors' model (default: as --compile)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds allowed to each train.py / authors process")
+    parser.add_argument("--baseline", default=None,
+                        help="a commit (or a directory with another checkout): time only the fast steps of its code "
+                             "and of the current code, alternating (--impls, --train_py are then left out)")
+    parser.add_argument("--baseline_rounds", type=int, default=None,
+                        help="--baseline's rounds of --steps steps per side (default 10 on CUDA, 3 on CPU)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
-    if args.train_py or args.prepare_data:
+    if args.baseline and (args.authors_code or args.prepare_data):
+        parser.error("--baseline runs alone: no --authors_code or --prepare_data with it")
+    if (args.train_py and not args.baseline) or args.prepare_data:
         prepare_stories(args.data_dir, args.stories, args.tokenizer)
         if args.prepare_data:
             return
@@ -341,6 +416,7 @@ def main():
     authors_compile = compile_model if args.authors_compile is None else bool(args.authors_compile)
     args.steps = args.steps or (20 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    args.baseline_rounds = args.baseline_rounds or (10 if cuda else 3)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -350,6 +426,11 @@ def main():
                 command=" ".join(sys.argv))
     print(f"device {meta['device']}, torch {torch.__version__}, peak {f'{peak / 1e12:.0f}' if peak else '-'} TFLOP/s "
           f"bf16, compile {int(compile_model)}, {args.steps} steps")
+    if args.baseline:
+        try:
+            return guard(args.baseline, names, chosen, args, device, compile_model, meta)
+        except baseline.BaselineError as e:
+            parser.error(f"--baseline {e}")
     if "plain" in impls:
         for name in names:
             print(f"{name}: fast vs plain hidden states, relative difference "
