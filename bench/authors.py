@@ -53,7 +53,8 @@ def measure(language_models, spec, device, compile_model, steps, warmup):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.authors", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--code", required=True, help="directory holding their language_models.py and its modules")
     parser.add_argument("--spec", required=True, help="JSON file: kind, model_args, batch, seq, vocab_size")
     parser.add_argument("--out", required=True, help="write the result (JSON) here")

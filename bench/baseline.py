@@ -60,7 +60,7 @@ def describe(ref):
     if Path(ref).is_dir():
         return str(Path(ref).resolve())
     return subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %s", ref], capture_output=True,
-                          text=True).stdout.strip()[:100]
+                          text=True).stdout.strip()[:100].rstrip()
 
 
 def module_names(directory):

@@ -36,7 +36,8 @@ def story_by_story(data_dir, model):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=SHARED_DATA,
                         help=f"directory with tokenizer.model and {STORIES_FILE} (default: ../shared/data)")
     parser.add_argument("--shards", type=int, default=8, help="JSON shards to split the stories into (default: 8)")

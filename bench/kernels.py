@@ -387,7 +387,7 @@ def summary(records):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="no sweep: the first version, CONFIGS, baselines")
     parser.add_argument("--budget", type=float, default=180, help="seconds; past them the sweep stops")

@@ -280,7 +280,8 @@ def run_timings(shapes, variants, device, budget_s, started):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.relational", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=None, help=f"comma-separated, of {sorted(SHAPES)} (default: all)")
     parser.add_argument("--variants", default=None, help=f"comma-separated, of {sorted(VARIANTS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and tiles (a CPU with TRITON_INTERPRET=1; "

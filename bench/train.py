@@ -359,7 +359,8 @@ def default_shared(name):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--configs", default=None, help="comma-separated config names (default: all for the device)")
     parser.add_argument("--impls", default="fast,plain", help="comma-separated: fast, plain (may be empty)")

@@ -111,4 +111,4 @@ def test_baseline_must_name_code(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit) as e:
             bench.main()
         message = capsys.readouterr().err.splitlines()[-1]
-        assert e.value.code == 2 and message.startswith(f"bench.train: error: --baseline {ref}"), message
+        assert e.value.code == 2 and message.startswith(f"python -m bench.train: error: --baseline {ref}"), message
