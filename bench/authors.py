@@ -1,13 +1,14 @@
 """
 Training-step throughput of the authors' implementation, in a process of its own: their model modules come from a
 checkout of their repository (or ../shared/reference), put first on sys.path, because their attention.py has our
-module's name. bench.py --authors_code DIR runs this once per config; by hand:
+module's name. python -m bench.train --authors_code DIR runs this once per config; by hand, from the repository
+root:
 
-    python bench_authors.py --code ../shared/reference --spec spec.json --out result.json
+    python -m bench.authors --code ../shared/reference --spec spec.json --out result.json
 
 spec.json: {"kind": "DualAttnTransformerLM", "model_args": {...}, "batch": 128, "seq": 512, "vocab_size": 32000},
-with the constructor arguments their train.py builds from its flags (model.model_args_from_flags). The step is
-bench.py's: forward + backward under bf16 autocast on CUDA, their fused AdamW (configure_optimizers, as their
+with the constructor arguments their train.py builds from its flags (reference.model_args_from_flags). The step is
+bench.train's: forward + backward under bf16 autocast on CUDA, their fused AdamW (configure_optimizers, as their
 train.py), torch.compile when asked. result.json: tokens_per_s, ms_per_step, peak_gib, or an error (out of memory
 included).
 """
@@ -18,33 +19,19 @@ import importlib
 import io
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from bench.common import peak_memory_gib, reset_peak_memory, seconds_per_call, training_step
 
-def time_steps(step, steps, warmup, device):
-    """Seconds per call of step() over `steps` calls after `warmup` untimed ones, waiting for the device at the end
-    only (the last call returns a tensor whose value is read)."""
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = step()
-    out.item()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / steps
+REPO = Path(__file__).resolve().parents[1]
 
 
 def import_authors_models(code_dir):
-    """Their language_models module, imported from code_dir alone (this script's directory, which holds our modules,
+    """Their language_models module, imported from code_dir alone (the repository root, which holds our modules,
     leaves sys.path). Their relational_attention.py uses model_utils without importing it."""
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [str(Path(code_dir).resolve())] + [p for p in sys.path if Path(p or ".").resolve() != here]
+    sys.path[:] = [str(Path(code_dir).resolve())] + [p for p in sys.path if Path(p or ".").resolve() != REPO]
     model_utils = importlib.import_module("model_utils")
     importlib.import_module("relational_attention").model_utils = model_utils
     return importlib.import_module("language_models")
@@ -52,34 +39,22 @@ def import_authors_models(code_dir):
 
 def measure(language_models, spec, device, compile_model, steps, warmup):
     """Their model and optimizer as their train.py builds them, timed on random tokens."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     torch.manual_seed(0)
     model = getattr(language_models, spec["kind"])(**spec["model_args"]).to(device).train()
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter groups
         optimizer = language_models.configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), device.type)
-    forward = torch.compile(model) if compile_model else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    step = training_step(model, optimizer, device, compile_model)
     B, T = spec["batch"], spec["seq"]
     x = torch.randint(0, spec["vocab_size"], (B, T), device=device)
     y = torch.randint(0, spec["vocab_size"], (B, T), device=device)
-
-    def step():
-        with autocast:
-            _, loss = forward(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    seconds = time_steps(step, steps, warmup, device)
-    memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return dict(tokens_per_s=B * T / seconds, ms_per_step=1e3 * seconds, peak_gib=memory)
+    seconds = seconds_per_call(lambda: step(x, y), steps, warmup, device)
+    return dict(tokens_per_s=B * T / seconds, ms_per_step=1e3 * seconds, peak_gib=peak_memory_gib(device))
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.authors", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--code", required=True, help="directory holding their language_models.py and its modules")
     parser.add_argument("--spec", required=True, help="JSON file: kind, model_args, batch, seq, vocab_size")
     parser.add_argument("--out", required=True, help="write the result (JSON) here")
@@ -97,7 +72,7 @@ def main():
         result = measure(import_authors_models(args.code), spec, device, bool(args.compile), args.steps, args.warmup)
     except torch.OutOfMemoryError:
         result = dict(error="out of memory")
-    except Exception as e:  # reported in bench.py's table, next to our numbers
+    except Exception as e:  # reported in bench.train's table, next to our numbers
         result = dict(error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
     Path(args.out).write_text(json.dumps(result))
     return 0

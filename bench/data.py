@@ -1,7 +1,7 @@
 """
 Benchmark of the data pipeline (not a test): pretokenize throughput in tokens/s and BatchLoader batches/s.
 
-    python bench_data.py --data ../shared/data
+    python -m bench.data --data ../shared/data
 
 --data must hold the Llama 2 tokenizer.model and TinyStories-train.head-2MiB.txt (../shared/data has them).
 The stories are split into JSON shards in a temporary directory, pretokenized there (story by story as in
@@ -14,32 +14,20 @@ import contextlib
 import io
 import os
 import tempfile
-import time
-
-import torch
 
 import tiny_stories_data as tsd
+from bench.common import best_of, seconds_per_call
 from loader import SHARD_DIR, BatchLoader, LoaderSettings, json_shards
 from tokenizer import Tokenizer
 
 STORIES_FILE = "TinyStories-train.head-2MiB.txt"
-SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
+SHARED_DATA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))
 
 
 def quiet(fn, *args, **kwargs):
     """Call fn without its progress bars and messages."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return fn(*args, **kwargs)
-
-
-def best_time(fn, repeats):
-    """(result, shortest wall time in seconds) over `repeats` calls."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return result, best
 
 
 def story_by_story(data_dir, model):
@@ -50,7 +38,8 @@ def story_by_story(data_dir, model):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=SHARED_DATA,
                         help=f"directory with tokenizer.model and {STORIES_FILE} (default: ../shared/data)")
     parser.add_argument("--shards", type=int, default=8, help="JSON shards to split the stories into (default: 8)")
@@ -79,26 +68,17 @@ def main():
               stories_per_shard=-(-n_stories // args.shards))
         n_shards = len(json_shards(os.path.join(tmp, SHARD_DIR)))
 
-        n_tokens, dt = best_time(lambda: story_by_story(tmp, model), args.repeats)
+        n_tokens, dt = best_of(lambda: story_by_story(tmp, model), args.repeats)
         print(f"data: {stories_txt}: {n_stories:,} stories, {n_tokens:,} tokens with BOS, {n_shards} shards")
         print(f"pretokenize, story by story, 1 process (llama2.c): {n_tokens / dt:12,.0f} tokens/s")
         for workers in sorted({1, args.workers}):
-            n, dt = best_time(lambda: quiet(tsd.pretokenize, 0, tmp, workers=workers, tokenizer_model=model),
-                              args.repeats)
+            n, dt = best_of(lambda: quiet(tsd.pretokenize, 0, tmp, workers=workers, tokenizer_model=model),
+                            args.repeats)
             assert n == n_tokens
             print(f"pretokenize, batched, {workers} worker(s):              {n / dt:12,.0f} tokens/s")
 
-        settings = LoaderSettings(args.batch_size, args.max_seq_len, data_dir=tmp, device=args.device)
-        loader = BatchLoader("train", settings)
-        for _ in range(10):
-            loader.next_batch()
-        t0 = time.perf_counter()
-        for _ in range(args.n_batches):
-            x, y = loader.next_batch()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        rate = args.n_batches / dt
+        loader = BatchLoader("train", LoaderSettings(args.batch_size, args.max_seq_len, data_dir=tmp, device=args.device))
+        rate = 1 / seconds_per_call(loader.next_batch, args.n_batches, 10, args.device)
         print(f"loader, train, batch {args.batch_size} x {args.max_seq_len} on {args.device}: {rate:,.0f} batches/s "
               f"({rate * args.batch_size * args.max_seq_len / 1e6:,.1f}M tokens/s)")
 

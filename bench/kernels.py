@@ -4,8 +4,8 @@ explains them) at several tile settings, each kernel alone, against float64; the
 passing pair beside the first version of the kernel, the op with kernels.CONFIGS, torch.compile of the plain
 formula and eager.
 
-    python bench_kernels.py --out ce.json   # d = 64, 128 (N = 65536) and 768 (N = 16384), V = 32000, bf16
-    python bench_kernels.py --quick         # no sweep: the first version, CONFIGS and the baselines only
+    python -m bench.kernels --out ce.json   # d = 64, 128 (N = 65536) and 768 (N = 16384), V = 32000, bf16
+    python -m bench.kernels --quick         # no sweep: the first version, CONFIGS and the baselines only
 
 Correctness: every variant runs first on fresh random inputs of N_CHECK tokens into outputs filled with nan, and is
 compared with a float64 computation of the same formula on the same (bf16) values: the mean loss (relative error,
@@ -24,19 +24,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import kernels
+from bench.common import median_ms_and_peak_gib
 from kernels import CONFIGS, linear_cross_entropy, linear_cross_entropy_reference
 
 DEVICE = "cuda"
 V = 32000
 SHAPES = [(65536, 64), (65536, 128), (16384, 768)]  # (N, d)
 N_CHECK = 8192
+REPO = Path(__file__).resolve().parents[1]  # the compile workers run from there, as python -m bench.kernels
 LOSS_TOL, GRAD_TOL = 1e-3, 1e-2
 
-# The first version's arithmetic and launch settings (commit 2d0b962), the baseline.
+# The arithmetic and launch settings the kernel started with (exp2, no lazy rescale, no target skip, no pipelining),
+# the baseline of the sweep.
 FIRST_FLAGS = {"forward": dict(EXP="exp2", LAZY_RESCALE=False, TARGET_SKIP=False, PIPELINE=False),
                "dw": dict(EXP="exp2", G="mul", TARGET_SKIP=False, PIPELINE=False)}
 FIRST_TILES = {
@@ -222,14 +226,7 @@ def autograd_fwd_bwd(fn, prob):
 def timed(fn, rep=100):
     """Median ms of fn (do_bench, about rep ms of runs) and the peak memory of one call above what was allocated
     before, GiB."""
-    from triton.testing import do_bench
-    ms = do_bench(fn, warmup=rep // 4, rep=rep, return_mode="median")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return ms, (torch.cuda.max_memory_allocated() - base) / 2**30
+    return median_ms_and_peak_gib(fn, DEVICE, warmup_ms=rep // 4, rep_ms=rep)
 
 
 def attempt(fn):
@@ -278,9 +275,9 @@ def precompile(quick, workers, timeout):
     """Run the compile workers (subprocesses) for at most timeout seconds."""
     env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")  # parallel already
     with tempfile.TemporaryDirectory() as claims:
-        command = [sys.executable, __file__] + (["--quick"] if quick else []) + ["--compile-worker", claims]
+        command = [sys.executable, "-m", "bench.kernels", *(["--quick"] if quick else []), "--compile-worker", claims]
         logs = [open(os.path.join(claims, f"worker{i}.log"), "w+") for i in range(workers)]
-        procs = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log) for log in logs]
+        procs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log) for log in logs]
         deadline = time.time() + timeout
         for proc, log in zip(procs, logs):
             try:
@@ -390,7 +387,7 @@ def summary(records):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="no sweep: the first version, CONFIGS, baselines")
     parser.add_argument("--budget", type=float, default=180, help="seconds; past them the sweep stops")
@@ -398,7 +395,7 @@ def main():
     parser.add_argument("--compile-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not (kernels.HAS_TRITON and torch.cuda.is_available() and not kernels.INTERPRET):
-        sys.exit("bench_kernels.py needs triton and a CUDA GPU, without TRITON_INTERPRET")
+        sys.exit("bench.kernels needs triton and a CUDA GPU, without TRITON_INTERPRET")
     if args.compile_worker:
         return run_compile_worker(args.compile_worker, args.quick)
 

@@ -1,17 +1,18 @@
 """
 The fused position-relative attention of kernels.py on a GPU: check it, then time it against what it replaces.
 
-    python bench_relational.py                      # checks, then timings at the issue's shapes (4-7 min, H200)
-    python bench_relational.py --shapes d64 --variants 64x64w4
-    TRITON_INTERPRET=1 python bench_relational.py --quick   # tiny shapes, on a CPU through the Triton interpreter
+    python -m bench.relational                      # checks, then timings at the model shapes (4-7 min, H200)
+    python -m bench.relational --shapes d64 --variants 64x64w4
+    TRITON_INTERPRET=1 python -m bench.relational --quick   # tiny shapes, on a CPU through the Triton interpreter
 
 Checks: the kernel's outputs and gradients (o^v, o^R, dq, dk, dv, dR) against the materialised formula computed in
 float64 on the same values, for float64, float32 and bfloat16 inputs, with clipped offsets (M < T - 1), RA (relation
 keys shared by the heads as values) and RCA (no values); dropout against the kernel's own mask (identity values
 reveal it) and its rate. Memory is poisoned with NaN before each checked call, so unwritten outputs show.
 
-Timings at the issue's shapes (B, T, n heads of width h, n_r relations of width d_r; table M = T), bfloat16, forward
-+ backward, median of triton's do_bench, and peak memory above the inputs, for dropout 0 and 0.1:
+Timings at the shapes of the d=64, d=128 and d=768 models of bench.train (SHAPES: B, T, n heads of width h, n_r
+relations of width d_r; table M = T), bfloat16, forward + backward, median of triton's do_bench, and peak memory
+above the inputs, for dropout 0 and 0.1:
   sdpa       causal SDPA over the same n heads with h-wide values: what n self-attention heads cost
   skew       the current path, torch.compile'd: weights (B, n, T, T) materialised, softmax, dropout, skew, matmuls
   fused      the kernel with kernels.RELPOS_CONFIGS; at dropout 0.1 also each variant of launch settings (fused/X),
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 import kernels
 from attention import attend_symbols, causal_softmax
+from bench.common import median_ms_and_peak_gib
 
 SHAPES = {  # B, T, n heads of width h, n_r relations of width d_r (the value width of RA is n_r d_r)
     "d64": dict(B=128, T=512, n=4, h=8, n_r=4, d_r=8),
@@ -208,26 +210,10 @@ def run_checks(shapes, device):
 # -----------------------------------------------------------------------------
 # timings
 
-def measure(fn, device):
-    """(median ms, peak GiB above the memory in use before) of fn() (forward + backward)."""
-    if device.type != "cuda":  # the interpreter: one run, no memory figure
-        start = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - start), float("nan")
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - before) / 2**30
-    from triton.testing import do_bench
-    return do_bench(fn, warmup=10, rep=50, return_mode="median"), peak
-
-
 def report(label, fn, device):
+    """Print the median ms and peak GiB of fn() (forward + backward; on the CPU one run, no memory figure)."""
     try:
-        ms, gib = measure(fn, device)
+        ms, gib = median_ms_and_peak_gib(fn, device, warmup_ms=10, rep_ms=50)
         print(f"    {label:22s} {ms:8.3f} ms  {gib:6.2f} GiB", flush=True)
         return ms
     except Exception as e:  # a variant that fails to compile or run: report and go on
@@ -294,7 +280,8 @@ def run_timings(shapes, variants, device, budget_s, started):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.relational", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=None, help=f"comma-separated, of {sorted(SHAPES)} (default: all)")
     parser.add_argument("--variants", default=None, help=f"comma-separated, of {sorted(VARIANTS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and tiles (a CPU with TRITON_INTERPRET=1; "

@@ -3,8 +3,8 @@ Generation speed: new tokens/s with the KV cache against without it (model.gener
 (4 + 4 heads, relational attention, symbolic attention) and the d=64, L=4 Transformer (8 heads), block 512,
 Llama 2's 32k vocabulary, random weights (the initialisation of train.py: the speed does not depend on the values).
 
-    python bench_generate.py --compile_batches 1  # CUDA if present (bfloat16 autocast), else the CPU (float32)
-    python bench_generate.py --device cpu --threads 1 --batch_sizes 1,64 --new_tokens 512
+    python -m bench.generate --compile_batches 1  # CUDA if present (bfloat16 autocast), else the CPU (float32)
+    python -m bench.generate --device cpu --threads 1 --batch_sizes 1,64 --new_tokens 512
 
 Each sequence starts from one token (BOS) and gets --new_tokens new ones (512 fill the block exactly). Modes:
   no cache       the context (cropped to the block) runs again for every token; logits of the last position only
@@ -16,12 +16,11 @@ Each mode first generates 8 tokens untimed (warm-up: CUDA kernels, compilation),
 """
 
 import argparse
-import time
 
 import torch
 
 import model as M
-import runtime
+from bench.common import Column, Table, best_of
 
 MODELS = {
     "dat_d64_L4_symattn": dict(sa=4, ra=4, symbol_type="symbolic_attention", ra_type="relational_attention"),
@@ -41,26 +40,27 @@ def build(name, device):
     return M.build_model(config).to(device).eval()
 
 
+TABLE = Table(Column("model", 20, align="<"), Column("batch", 5, "d"), Column("mode", 15, align="<"),
+              Column("tokens/s", 11, ",.0f"), Column("ms/step", 9, ".3f"), Column("vs no cache", 12))
+
+
 def time_generation(model, batch, new_tokens, mode, device, autocast, repeats):
     """Best seconds over `repeats` runs of generate (sampling at temperature 1), after a warm-up run of 8 tokens."""
     prompt = torch.ones(batch, 1, dtype=torch.long, device=device)  # BOS
-    best = float("inf")
-    for run in range(repeats + 1):
-        torch.manual_seed(run)
-        n = new_tokens if run > 0 else min(8, new_tokens)
-        runtime.synchronize(device)
-        start = time.perf_counter()
+
+    def generate(n):
         with autocast:
             out = model.generate(prompt, n, **MODES[mode])
-        runtime.synchronize(device)
-        if run > 0:
-            best = min(best, time.perf_counter() - start)
         assert out.shape == (batch, 1 + n)
-    return best
+
+    torch.manual_seed(0)
+    generate(min(8, new_tokens))
+    return best_of(lambda: generate(new_tokens), repeats, device)[1]
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     p.add_argument("--batch_sizes", default="1,64")
@@ -82,7 +82,7 @@ def main():
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}, {dtype}, torch {torch.__version__}; random weights; {args.new_tokens} new tokens after BOS")
-    print(f"{'model':<20} {'batch':>5}  {'mode':<14} {'tokens/s':>11} {'ms/step':>9} {'vs no cache':>12}")
+    print(TABLE.header())
     for model_name in args.models.split(","):
         model = build(model_name, device)
         for batch in map(int, args.batch_sizes.split(",")):
@@ -92,8 +92,8 @@ def main():
                 seconds = time_generation(model, batch, args.new_tokens, mode, device, autocast, args.repeats)
                 tokens_per_s = batch * args.new_tokens / seconds
                 baseline = baseline or tokens_per_s
-                print(f"{model_name:<20} {batch:>5}  {mode:<14} {tokens_per_s:>11,.0f} "
-                      f"{1000 * seconds / args.new_tokens:>9.3f} {tokens_per_s / baseline:>11.1f}x", flush=True)
+                print(TABLE.row(model_name, batch, mode, tokens_per_s, 1000 * seconds / args.new_tokens,
+                                f"{tokens_per_s / baseline:.1f}x"), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """
-Tests of bench.py and bench_authors.py on CPU, through real processes: train.py's steady-state rate from its
+Tests of bench/train.py and bench/authors.py on CPU, through real processes: train.py's steady-state rate from its
 metrics, the authors' implementation from ../shared/reference (skipped without it or without einops), failures
 reported in their row.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import bench
 import train
+from bench import train as bench
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"
@@ -22,8 +22,8 @@ TINY = ["--impls", "fast", "--batch_size", "2", "--max_seq_len", "32", "--steps"
 
 
 def run_bench(*argv):
-    result = subprocess.run([sys.executable, "bench.py", *map(str, argv)], cwd=REPO, capture_output=True, text=True,
-                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = subprocess.run([sys.executable, "-m", "bench.train", *map(str, argv)], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr
     return result
 
@@ -59,7 +59,7 @@ def shared_data():
 
 
 def out_of_memory_authors_code(directory):
-    """Modules as bench_authors.py imports them, whose TransformerLM runs out of memory when built."""
+    """Modules as bench.authors imports them, whose TransformerLM runs out of memory when built."""
     directory.mkdir()
     (directory / "model_utils.py").write_text("")
     (directory / "relational_attention.py").write_text("")
@@ -107,7 +107,7 @@ def test_bench_times_the_authors_code(tmp_path):
 
 
 def test_authors_code_must_hold_their_modules(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--train_py", "0", "--authors_code", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["bench.train", "--train_py", "0", "--authors_code", str(tmp_path)])
     with pytest.raises(SystemExit) as e:
         bench.main()
     assert e.value.code == 2 and "no language_models.py there" in capsys.readouterr().err.splitlines()[-1]

@@ -2,16 +2,18 @@
 Training-step throughput, side by side in one run: our fast path ('fast', what train.py runs), the plain
 formulation ('plain'), train.py's own training loop ('train.py') and the authors' implementation ('authors').
 
-    python bench.py                                    # CUDA: the issue's H200 configs; else small CPU configs
-    python bench.py --configs dat_d64_L4_symattn,tf_d64_L4 --impls fast --steps 30
-    python bench.py --authors_code ../shared/reference --json results.json
-    python bench.py --train_py 0                       # model steps only, no data needed
+    python -m bench.train                    # CUDA: the H200 configs (CUDA_CONFIGS); else small CPU configs
+    python -m bench.train --configs dat_d64_L4_symattn,tf_d64_L4 --impls fast --steps 30
+    python -m bench.train --authors_code ../shared/reference --json results.json
+    python -m bench.train --train_py 0       # model steps only, no data needed
+    python -m bench.train --baseline d0bbca5 # the fast path of this code against a commit's (or a directory's)
 
 fast / plain: full training steps (forward, backward, fused AdamW, bf16 autocast on CUDA, torch.compile on CUDA)
 on random tokens, in this process: tokens/s, ms/step, peak memory and MFU (from the model's own FLOP count, against
-the device's dense bf16 peak). 'plain' switches the relational heads to their plain formulation (model.use_plain_attention: attention
-matrices, B.T.T.n_r relations, T.T.d relative symbols) with the logits materialised for the loss; before timing it,
-the two implementations' final hidden states on the same weights and batch are compared.
+the device's dense bf16 peak). 'plain' switches the relational heads to their plain formulation
+(model.use_plain_attention: attention matrices, B.T.T.n_r relations, T.T.d relative symbols) with the logits
+materialised for the loss; before timing it, the two implementations' final hidden states on the same weights and
+batch are compared.
 
 train.py: the real loop, `train.py` in a subprocess on real stories (--compile as here, --log_to_wandb 0, one
 evaluation batch at the first and the last step only, gradient clipping and the other defaults as a user runs it).
@@ -23,8 +25,14 @@ it; `--prepare_data` only builds it (e.g. to carry it to a machine without ../sh
 
 authors: their model modules from --authors_code DIR (a checkout of their repository, or ../shared/reference),
 built from the same flags the way their train.py builds them, timed like 'fast' (compiled unless
---authors_compile 0, bf16, their fused AdamW) by bench_authors.py in a process of its own; out of memory and other
+--authors_compile 0, bf16, their fused AdamW) by bench.authors in a process of its own; out of memory and other
 failures are reported per config.
+
+--baseline REF (a commit of this repository, or a directory holding another checkout) times, instead of all the
+above, the 'fast' steps of REF's code and of the current code per config, in this process (bench.baseline keeps
+their modules apart), on the same random batch: warm-up steps of each, then --baseline_rounds rounds of --steps
+steps of REF, then --steps of the current code, so that a drift of the GPU's clocks hits both alike. It prints the
+median tokens/s of each side and current / REF (below 1: the current code is slower).
 
 The summary gives, per config: fast tokens/s, train.py tokens/s and train.py / fast (the target: at least 0.95),
 authors tokens/s and fast / authors. --json writes everything; it is rewritten after each measurement, so an
@@ -32,15 +40,14 @@ interrupted run keeps what it measured.
 """
 
 import argparse
-import gc
 import glob
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -48,7 +55,9 @@ import torch
 import model as M
 import reference
 import tiny_stories_data as D
-from bench_authors import time_steps
+from bench import baseline
+from bench.common import (Column, Table, alternate, peak_memory_gib, release_memory, reset_peak_memory,
+                          seconds_per_call, training_step)
 from loader import bin_dir
 from tokenizer import DataError, tokenizer_path
 
@@ -85,7 +94,7 @@ def resized(cfg, batch_size=None, max_seq_len=None):
     return dict(flags=flags, batch=batch_size or cfg["batch"])
 
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = [REPO.parent / "shared" / "data", REPO / "shared" / "data"]  # the first that exists is the default
 STORIES, TOKENIZER = "TinyStories-train.head-2MiB.txt", "tokenizer.model"
 BENCH_VOCAB = 32000  # the Llama 2 tokenizer, as data_dir/tok32000.model
@@ -107,40 +116,32 @@ def build(cfg, device, plain=False, seed=0):
     return model.to(device).train()
 
 
-def step_fn(model, optimizer, device, compile_model, plain):
-    """One training step: forward + backward under autocast, then AdamW."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    forward = torch.compile(model) if compile_model else model
+def step_fn(model, device, compile_model, plain=False):
+    """One training step of the model, as 'fast' (the logit-free loss) or 'plain' (logits materialised) times it:
+    forward + backward under autocast, then AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    return training_step(model, optimizer, device, compile_model, **({} if plain else dict(return_logits=False)))
 
-    def step(x, y):
-        with autocast:
-            _, loss = forward(x, y) if plain else forward(x, y, return_logits=False)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
 
-    return step
+def random_batch(cfg, device):
+    """x, y: (B, T) random token ids."""
+    B, T = cfg["batch"], cfg["flags"]["max_seq_len"]
+    return (torch.randint(0, 32000, (B, T), device=device), torch.randint(0, 32000, (B, T), device=device))
 
 
 def measure(name, cfg, impl, device, compile_model, steps, warmup):
     torch._dynamo.reset()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
     model = build(cfg, device, plain=impl == "plain")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    B, T = cfg["batch"], cfg["flags"]["max_seq_len"]
-    x = torch.randint(0, 32000, (B, T), device=device)
-    y = torch.randint(0, 32000, (B, T), device=device)
-    step = step_fn(model, optimizer, device, compile_model, impl == "plain")
-    seconds = time_steps(lambda: step(x, y), steps, warmup, device)
+    x, y = random_batch(cfg, device)
+    step = step_fn(model, device, compile_model, impl == "plain")
+    seconds = seconds_per_call(lambda: step(x, y), steps, warmup, device)
+    B, T = x.shape
     tokens_per_s = B * T / seconds
     peak = peak_flops(device)
     mfu = model.estimate_mfu(tokens_per_s, peak, T) if peak else None
-    memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return dict(config=name, impl=impl, compile=compile_model, tokens_per_s=tokens_per_s, ms_per_step=1e3 * seconds,
-                peak_gib=memory, mfu=mfu)
+                peak_gib=peak_memory_gib(device), mfu=mfu)
 
 
 @torch.no_grad()
@@ -160,14 +161,6 @@ def run(name, cfg, impl, device, compile_model, steps, warmup):
         return measure(name, cfg, impl, device, compile_model, steps, warmup)
     except torch.OutOfMemoryError:
         return dict(config=name, impl=impl, compile=compile_model, error="out of memory")
-
-
-def release_memory(device):
-    """Drop the compiled models (dynamo holds them) and return the cached GPU memory to the driver."""
-    torch._dynamo.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # -----------------------------------------------------------------------------
@@ -244,7 +237,7 @@ def run_train_py(name, cfg, args, device, compile_model, fast_ms):
 # the authors' implementation
 
 def run_authors(name, cfg, args, device, compile_model):
-    """The authors' model for a config, timed by bench_authors.py in its own process."""
+    """The authors' model for a config, timed by bench.authors in its own process."""
     kind, model_args = model_spec(cfg)
     spec = dict(kind=kind, model_args=model_args, batch=cfg["batch"], seq=cfg["flags"]["max_seq_len"],
                 vocab_size=cfg["flags"]["vocab_size"])
@@ -252,11 +245,12 @@ def run_authors(name, cfg, args, device, compile_model):
     with tempfile.TemporaryDirectory(prefix="bench_authors_") as tmp:
         spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
         spec_path.write_text(json.dumps(spec))
-        command = [sys.executable, str(REPO / "bench_authors.py"), "--code", str(Path(args.authors_code).resolve()),
+        command = [sys.executable, "-m", "bench.authors", "--code", str(Path(args.authors_code).resolve()),
                    "--spec", str(spec_path), "--out", str(out_path), "--device", str(device),
                    "--compile", str(int(compile_model)), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         try:
-            done = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=args.timeout)
+            done = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=args.timeout)
         except subprocess.TimeoutExpired:
             return dict(row, error=f"timed out after {args.timeout} s")
         if not out_path.exists():
@@ -266,19 +260,81 @@ def run_authors(name, cfg, args, device, compile_model):
 
 
 # -----------------------------------------------------------------------------
+# --baseline: the same steps with the code of another commit
+
+def one_line(error):
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
+def run_baseline(name, cfg, code, device, compile_model, args):
+    """Median tokens/s of the baseline's model and of the current one for a config, on the same batch, in
+    alternating chunks of args.steps steps (the baseline's first in each round), and current / baseline."""
+    row = dict(config=name, compile=compile_model)
+    try:
+        torch.manual_seed(0)
+        theirs = code.build(cfg["flags"]).to(device)
+    except Exception as e:  # a config that commit does not know, say: reported in its row
+        return dict(row, error=f"baseline: {one_line(e)}")
+    x, y = random_batch(cfg, device)
+    try:
+        steps = {side: step_fn(model, device, compile_model) for side, model in
+                 (("baseline", theirs), ("current", build(cfg, device)))}
+        times = alternate({side: lambda step=step: step(x, y) for side, step in steps.items()}, args.steps,
+                          args.baseline_rounds, args.warmup, device)
+    except torch.OutOfMemoryError:
+        return dict(row, error="out of memory")
+    except Exception as e:  # an older forward's signature, say: reported in its row
+        return dict(row, error=one_line(e))
+    rates = {side: [x.numel() / t for t in seconds] for side, seconds in times.items()}  # B * T tokens a step
+    baseline_rate, current_rate = (statistics.median(rates[side]) for side in ("baseline", "current"))
+    return dict(row, baseline=baseline_rate, current=current_rate, current_over_baseline=current_rate / baseline_rate,
+                rounds_tokens_per_s=rates)
+
+
+BASELINE = Table(Column("config", 22, align="<"), Column("baseline tok/s", 15, ",.0f"),
+                 Column("current tok/s", 15, ",.0f"), Column("current/baseline", 16, ".3f"))
+
+
+def print_baseline_row(r):
+    if "error" in r:
+        print(f"{BASELINE.row(r['config'])}  {r['error']}", flush=True)
+    else:
+        print(BASELINE.row(r["config"], r["baseline"], r["current"], r["current_over_baseline"]), flush=True)
+
+
+def guard(ref, names, chosen, args, device, compile_model, meta):
+    """--baseline: the rows of run_baseline for every config, printed and kept in --json."""
+    meta = dict(meta, baseline=baseline.describe(ref), rounds=args.baseline_rounds)
+    print(f"baseline {meta['baseline']}: {args.baseline_rounds} rounds of {args.steps} steps per side, "
+          f"alternating; median tokens/s\n{BASELINE.header()}")
+    rows = []
+    with baseline.checkout(ref) as directory:
+        code = baseline.Code(directory)
+        for name in names:
+            rows.append(run_baseline(name, chosen[name], code, device, compile_model, args))
+            print_baseline_row(rows[-1])
+            release_memory(device)
+            if args.json:
+                Path(args.json).write_text(json.dumps(dict(meta=meta, baseline=rows), indent=2))
+
+
+# -----------------------------------------------------------------------------
 # report
 
-def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
+ROWS = Table(Column("config", 22, align="<"), Column("impl", 8, align="<"), Column("cmp", 3, "d"),
+             Column("tokens/s", 12, ",.0f"), Column("ms/step", 9, ".2f"), Column("peakGiB", 8, ".2f"),
+             Column("MFU%", 6, ".1f"))
+SUMMARY = Table(Column("config", 22, align="<"), Column("fast tok/s", 12, ",.0f"), Column("train.py", 12, ",.0f"),
+                Column("train/fast", 10, ".3f"), Column("authors", 12, ",.0f"), Column("fast/authors", 12))
 
 
 def print_row(r):
     if "error" in r:
-        print(f"{r['config']:<22} {r['impl']:<8} {int(r['compile']):>3}  {r['error']}", flush=True)
+        print(f"{ROWS.row(r['config'], r['impl'], int(r['compile']))}  {r['error']}", flush=True)
         return
     mfu = None if r.get("mfu") is None else 100 * r["mfu"]
-    print(f"{r['config']:<22} {r['impl']:<8} {int(r['compile']):>3} {r['tokens_per_s']:>12,.0f} "
-          f"{r['ms_per_step']:>9.2f} {fmt(r.get('peak_gib'), '.2f'):>8} {fmt(mfu, '.1f'):>6}", flush=True)
+    print(ROWS.row(r["config"], r["impl"], int(r["compile"]), r["tokens_per_s"], r["ms_per_step"], r.get("peak_gib"),
+                   mfu), flush=True)
 
 
 def summarize(names, rows):
@@ -294,12 +350,10 @@ def summarize(names, rows):
 
 
 def print_summary(summary):
-    print(f"\n{'config':<22} {'fast tok/s':>12} {'train.py':>12} {'train/fast':>10} {'authors':>12} "
-          f"{'fast/authors':>12}")
+    print(f"\n{SUMMARY.header()}")
     for s in summary:
         ratio = None if s["fast_over_authors"] is None else f"{s['fast_over_authors']:.2f}x"
-        print(f"{s['config']:<22} {fmt(s['fast'], ',.0f'):>12} {fmt(s['train_py'], ',.0f'):>12} "
-              f"{fmt(s['train_py_over_fast'], '.3f'):>10} {fmt(s['authors'], ',.0f'):>12} {fmt(ratio, ''):>12}",
+        print(SUMMARY.row(s["config"], s["fast"], s["train_py"], s["train_py_over_fast"], s["authors"], ratio),
               flush=True)
 
 
@@ -308,7 +362,8 @@ def default_shared(name):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--configs", default=None, help="comma-separated config names (default: all for the device)")
     parser.add_argument("--impls", default="fast,plain", help="comma-separated: fast, plain (may be empty)")
@@ -334,9 +389,16 @@ def main():
     parser.add_argument("--authors_compile", type=int, default=None, choices=(0, 1),
                         help="torch.compile the authors' model (default: as --compile)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds allowed to each train.py / authors process")
+    parser.add_argument("--baseline", default=None,
+                        help="a commit (or a directory with another checkout): time only the fast steps of its code "
+                             "and of the current code, alternating (--impls, --train_py are then left out)")
+    parser.add_argument("--baseline_rounds", type=int, default=None,
+                        help="--baseline's rounds of --steps steps per side (default 10 on CUDA, 3 on CPU)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
-    if args.train_py or args.prepare_data:
+    if args.baseline and (args.authors_code or args.prepare_data):
+        parser.error("--baseline runs alone: no --authors_code or --prepare_data with it")
+    if (args.train_py and not args.baseline) or args.prepare_data:
         prepare_stories(args.data_dir, args.stories, args.tokenizer)
         if args.prepare_data:
             return
@@ -358,6 +420,7 @@ def main():
     authors_compile = compile_model if args.authors_compile is None else bool(args.authors_compile)
     args.steps = args.steps or (20 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    args.baseline_rounds = args.baseline_rounds or (10 if cuda else 3)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -365,13 +428,18 @@ def main():
     meta = dict(device=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
                 compile=compile_model, authors_compile=authors_compile, steps=args.steps, warmup=args.warmup,
                 command=" ".join(sys.argv))
-    print(f"device {meta['device']}, torch {torch.__version__}, peak {fmt(peak and peak / 1e12, '.0f')} TFLOP/s bf16, "
-          f"compile {int(compile_model)}, {args.steps} steps")
+    print(f"device {meta['device']}, torch {torch.__version__}, peak {f'{peak / 1e12:.0f}' if peak else '-'} TFLOP/s "
+          f"bf16, compile {int(compile_model)}, {args.steps} steps")
+    if args.baseline:
+        try:
+            return guard(args.baseline, names, chosen, args, device, compile_model, meta)
+        except baseline.BaselineError as e:
+            parser.error(f"--baseline {e}")
     if "plain" in impls:
         for name in names:
             print(f"{name}: fast vs plain hidden states, relative difference "
                   f"{relative_difference(chosen[name], device):.2e}", flush=True)
-    print(f"{'config':<22} {'impl':<8} {'cmp':>3} {'tokens/s':>12} {'ms/step':>9} {'peakGiB':>8} {'MFU%':>6}")
+    print(ROWS.header())
     rows = []
 
     def record(row):
