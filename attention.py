@@ -64,7 +64,7 @@ def table_heads(table, n_heads):
 
 
 def relative_kernel_applies(x):
-    """Position-relative heads run the fused Triton kernel of kernels.py (no T x T tensor) on CUDA tensors;
+    """Position-relative heads run the fused Triton kernel of kernels/relational.py (no T x T tensor) on CUDA tensors;
     elsewhere the skew below."""
     return x.is_cuda and kernels.HAS_TRITON
 

@@ -1,7 +1,8 @@
 """
-The fused position-relative attention of kernels.py on a GPU: check it, then time it against what it replaces.
+The fused position-relative attention of kernels/relational.py on a GPU: check it, then time it against what it
+replaces.
 
-    python bench_relational.py                      # checks, then timings at the issue's shapes (4-7 min, H200)
+    python bench_relational.py                      # checks, then timings at SHAPES (4-7 min, H200)
     python bench_relational.py --shapes d64 --variants 64x64w4
     TRITON_INTERPRET=1 python bench_relational.py --quick   # tiny shapes, on a CPU through the Triton interpreter
 
@@ -10,7 +11,7 @@ float64 on the same values, for float64, float32 and bfloat16 inputs, with clipp
 keys shared by the heads as values) and RCA (no values); dropout against the kernel's own mask (identity values
 reveal it) and its rate. Memory is poisoned with NaN before each checked call, so unwritten outputs show.
 
-Timings at the issue's shapes (B, T, n heads of width h, n_r relations of width d_r; table M = T), bfloat16, forward
+Timings at SHAPES (B, T, n heads of width h, n_r relations of width d_r; table M = T), bfloat16, forward
 + backward, median of triton's do_bench, and peak memory above the inputs, for dropout 0 and 0.1:
   sdpa       causal SDPA over the same n heads with h-wide values: what n self-attention heads cost
   skew       the current path, torch.compile'd: weights (B, n, T, T) materialised, softmax, dropout, skew, matmuls
@@ -33,7 +34,8 @@ import torch.nn.functional as F
 import kernels
 from attention import attend_symbols, causal_softmax
 
-SHAPES = {  # B, T, n heads of width h, n_r relations of width d_r (the value width of RA is n_r d_r)
+SHAPES = {  # B, T, n heads of width h, n_r relations of width d_r (the value width of RA is n_r d_r): the RA layers
+    # of the DAT configs d64 L4 and d128 L6 (batch 128 x 512) and d768 L12 (batch 16 x 1024)
     "d64": dict(B=128, T=512, n=4, h=8, n_r=4, d_r=8),
     "d768": dict(B=16, T=1024, n=6, h=64, n_r=6, d_r=64),
     "d128": dict(B=128, T=512, n=4, h=16, n_r=4, d_r=16),
@@ -313,7 +315,7 @@ def main():
     if args.quick:
         for bucket in kernels.RELPOS_CONFIGS:
             kernels.RELPOS_CONFIGS[bucket] = QUICK_VARIANTS["16x16"]
-        kernels.RELPOS_CONFIGS_WIDE_DTYPES = QUICK_VARIANTS["16x16"]
+        kernels.relational.RELPOS_CONFIGS_WIDE_DTYPES = QUICK_VARIANTS["16x16"]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)"
     print(f"{name}, torch {torch.__version__}, triton {kernels.triton.__version__}")
     started = time.time()
