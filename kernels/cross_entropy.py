@@ -126,8 +126,8 @@ if triton is not None:
     @triton.jit
     def _softmax_tile(z, n0, t, m, l, b_ptr, V, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
         """One step of the online logsumexp over the logit tile z (tokens x vocabulary columns n0 + [0, BLOCK_N)):
-        m <- max(m, max_v z_v) when that exceeds m by more than 2^RESCALE_LOG2 (base 2), and then
-        l <- l 2^(log2e (m_old - m)); l <- l + sum_v 2^(log2e (z_v - m)).
+        m <- max(m, max_v z_v) and l <- l 2^(log2e (m_old - m)) only when some row's exp(max_v z_v - m) exceeds
+        2^RESCALE_LOG2 (the terms stay below it otherwise), then l <- l + sum_v 2^(log2e (z_v - m)).
         Returns the terms 2^(log2e (z_v - m)) with the target column set to 0 (for the dx matmul), m, l, and
         alpha = 2^(log2e (m_old - m)) with whether m moved (the dx sum is then to be rescaled by alpha)."""
         cols = n0 + tl.arange(0, BLOCK_N)
