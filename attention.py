@@ -12,7 +12,7 @@ Symbols reach the relational modules in one of two forms:
 
 Each relational module also has its plain formulation (`plain_forward`), every quantity of the formulas
 materialised as the authors' code computes them; `module.plain = True` switches forward to it (the oracle of
-the fast paths, and the "plain" side of bench.py). Every module counts its own FLOPs (`forward_flops`).
+the fast paths, and the "plain" side of `python -m bench.train`). Every module counts its own FLOPs (`forward_flops`).
 """
 
 import torch
@@ -64,7 +64,7 @@ def table_heads(table, n_heads):
 
 
 def relative_kernel_applies(x):
-    """Position-relative heads run the fused Triton kernel of kernels.py (no T x T tensor) on CUDA tensors;
+    """Position-relative heads run the fused Triton kernel of kernels/relational.py (no T x T tensor) on CUDA tensors;
     elsewhere the skew below."""
     return x.is_cuda and kernels.HAS_TRITON
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from attention import (RELATIONAL_ATTENTION, Attention, DualAttention, KVCache, RelationalAttention, RelationalHeads,
                        linear_flops, rope_tables)
-from kernels import linear_cross_entropy, linear_cross_entropy_reference
+from kernels import linear_cross_entropy, linear_cross_entropy_eager
 
 LLAMA2_VOCAB_SIZE = 32000
 # dense bf16 tensor-core peak FLOP/s, matched by substring of the CUDA device name (first match wins)
@@ -473,8 +473,8 @@ class LanguageModel(nn.Module):
         return_logits=False (training) returns (None, loss) and lets the loss skip the (B, T, V) logits."""
         x = self.hidden_states(idx)
         out = self.layers.final_out
-        if targets is not None and not return_logits:  # the fused Triton loss on CUDA (kernels.py)
-            loss_fn = linear_cross_entropy if x.is_cuda else linear_cross_entropy_reference
+        if targets is not None and not return_logits:  # the fused Triton loss on CUDA (kernels/cross_entropy.py)
+            loss_fn = linear_cross_entropy if x.is_cuda else linear_cross_entropy_eager
             return None, loss_fn(x.flatten(0, 1), out.weight, out.bias, targets.flatten())
         logits = out(x)
         loss = None

@@ -1,5 +1,6 @@
 """
-The fused position-relative attention of kernels.py on a GPU: check it, then time it against what it replaces.
+The fused position-relative attention of kernels/relational.py on a GPU: check it, then time it against what it
+replaces.
 
     python -m bench.relational                      # checks, then timings at the model shapes (4-7 min, H200)
     python -m bench.relational --shapes d64 --variants 64x64w4
@@ -35,7 +36,8 @@ import kernels
 from attention import attend_symbols, causal_softmax
 from bench.common import median_ms_and_peak_gib
 
-SHAPES = {  # B, T, n heads of width h, n_r relations of width d_r (the value width of RA is n_r d_r)
+SHAPES = {  # B, T, n heads of width h, n_r relations of width d_r (the value width of RA is n_r d_r): the RA layers
+    # of the DAT configs d64 L4 and d128 L6 (batch 128 x 512) and d768 L12 (batch 16 x 1024)
     "d64": dict(B=128, T=512, n=4, h=8, n_r=4, d_r=8),
     "d768": dict(B=16, T=1024, n=6, h=64, n_r=6, d_r=64),
     "d128": dict(B=128, T=512, n=4, h=16, n_r=4, d_r=16),
@@ -300,7 +302,7 @@ def main():
     if args.quick:
         for bucket in kernels.RELPOS_CONFIGS:
             kernels.RELPOS_CONFIGS[bucket] = QUICK_VARIANTS["16x16"]
-        kernels.RELPOS_CONFIGS_WIDE_DTYPES = QUICK_VARIANTS["16x16"]
+        kernels.relational.RELPOS_CONFIGS_WIDE_DTYPES = QUICK_VARIANTS["16x16"]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)"
     print(f"{name}, torch {torch.__version__}, triton {kernels.triton.__version__}")
     started = time.time()

@@ -1,66 +1,34 @@
-"""kernels.linear_cross_entropy against a float64 formula: the Triton kernels (through the interpreter on a CPU,
-natively on a GPU) and the PyTorch fallback, loss and the gradients of x, weight and bias; custom-op checks and
-torch.compile. Triton tests skip without triton (pip install triton)."""
+"""kernels.linear_cross_entropy (kernels/cross_entropy.py) against a float64 formula: the Triton kernels (through
+the interpreter on a CPU, natively on a GPU) and the PyTorch fallback, loss and the gradients of x, weight and bias;
+custom-op checks and torch.compile. Triton tests skip without triton (pip install triton)."""
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read as kernels.py decorates its kernels: set before importing it
-
 import kernels
-from kernels import linear_cross_entropy
+from kernels import cross_entropy, linear_cross_entropy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-if kernels.triton is None:
-    SKIP_TRITON = "triton is not installed"
-elif not kernels.HAS_TRITON:
-    SKIP_TRITON = "no GPU, and kernels.py was imported without TRITON_INTERPRET=1: run this file on its own"
-else:
-    SKIP_TRITON = None
-needs_triton = pytest.mark.skipif(SKIP_TRITON is not None, reason=SKIP_TRITON or "")
 
 # Small tiles, so that the small shapes below span several token and vocabulary tiles with ragged ends; rows of up
 # to 512 bytes (128 fp32 columns) are loaded whole. For rows of any width.
 SMALL = {
-    "forward": dict(BLOCK_M=64, BLOCK_N=64, K_BYTES=512, num_warps=4, num_stages=2, EXP="ftz", LAZY_RESCALE=True,
-                    TARGET_SKIP=True, PIPELINE=False),
-    "dw": dict(BLOCK_M=64, BLOCK_N=64, K_BYTES=512, num_warps=4, num_stages=2, SPLIT=1, EXP="ftz", G="exp",
-               TARGET_SKIP=True, PIPELINE=False),
+    "forward": dict(BLOCK_M=64, BLOCK_N=64, K_BYTES=512, num_warps=4, num_stages=2),
+    "dw": dict(BLOCK_M=64, BLOCK_N=64, K_BYTES=512, num_warps=4, num_stages=2, SPLIT=1),
 }
-
-
-def patch_interpreter():
-    """A gap of Triton's interpreter (3.6 to 3.9): tl.dot multiplies bf16 operands as their raw uint16 bits (here
-    they are widened to fp32 first, exact)."""
-    from triton.runtime import interpreter
-    create_dot = interpreter.InterpreterBuilder.create_dot
-
-    def patched_dot(self, a, b, *args):
-        if a.dtype.scalar == kernels.tl.bfloat16:
-            a, b = self.cast_impl(a, kernels.tl.float32), self.cast_impl(b, kernels.tl.float32)
-        return create_dot(self, a, b, *args)
-
-    interpreter.InterpreterBuilder.create_dot = patched_dot
-
-
-if kernels.INTERPRET and SKIP_TRITON is None:
-    patch_interpreter()
 
 
 @pytest.fixture
 def config(monkeypatch):
-    """kernels.CONFIGS set to SMALL for every width, with the given settings in each kernel that has them; the
+    """cross_entropy.CONFIGS set to SMALL for every width, with the given settings in each kernel that has them; the
     kernels serve rows of any width (not only up to MAX_ROW_BYTES)."""
-    monkeypatch.setattr(kernels, "MAX_ROW_BYTES", math.inf)
+    monkeypatch.setattr(cross_entropy, "MAX_ROW_BYTES", math.inf)
 
     def use(**settings):
         small = {kernel: {**cfg, **{k: v for k, v in settings.items() if k in cfg}} for kernel, cfg in SMALL.items()}
-        monkeypatch.setattr(kernels, "CONFIGS", {math.inf: small})
+        monkeypatch.setattr(cross_entropy, "CONFIGS", {math.inf: small})
     use()
     return use
 
@@ -110,7 +78,7 @@ def assert_close(leaves, targets, tol, **kwargs):
 # -----------------------------------------------------------------------------
 # the Triton kernels
 
-@needs_triton
+@pytest.mark.triton
 @pytest.mark.parametrize("shape, V, d, bias, settings", [
     ((300,), 1000, 64, True, {}),                   # N, V not multiples of the tiles
     ((257,), 515, 96, False, {}),                   # d not a power of two (padded to 128), no bias
@@ -124,43 +92,17 @@ def test_triton_float32(config, shape, V, d, bias, settings):
     assert_close(leaves, targets, tol=1e-5)
 
 
-# The kernels' arithmetic variants (kernels.CONFIGS explains them). The PTX exponentials ("ftz", "bf16x2") do not
-# run in the interpreter: there "ftz" is tl.exp2 and "bf16x2" is tl.exp2 with bf16 roundings of its argument and
-# result, so these tests cover the data flow of each variant; the PTX instructions themselves are checked on a GPU
-# (these tests natively, and bench_kernels.py against float64 at full size).
-CURRENT = dict(EXP="exp2", LAZY_RESCALE=False, TARGET_SKIP=False, G="mul", PIPELINE=False)  # the first version's
-
-
-@needs_triton
-@pytest.mark.parametrize("settings", [
-    CURRENT,
-    dict(CURRENT, G="exp"),
-    dict(CURRENT, G="x", TARGET_SKIP=True),
-    dict(CURRENT, LAZY_RESCALE=True),
-    dict(CURRENT, PIPELINE=True),
-    dict(CURRENT, PIPELINE=True, LAZY_RESCALE=True, TARGET_SKIP=True, G="exp", SPLIT=3),
-    dict(CURRENT, PIPELINE=True, LAZY_RESCALE=True, TARGET_SKIP=True, G="x", BLOCK_N=32),
-])
-def test_triton_variants_float32(config, settings):
-    config(**settings)
-    leaves, targets = problem((150,), 300, 32)
-    assert_close(leaves, targets, tol=1e-5)
-
-
-@needs_triton
-def test_triton_pipeline_no_bias_ignore_index_zero(config):
-    """The pipelined loops without a bias (columns past V masked), with ignore_index a real token."""
-    config(PIPELINE=True)
+@pytest.mark.triton
+def test_triton_no_bias_ignore_index_zero(config):
+    """No bias (the columns past V masked), with ignore_index a real token."""
     leaves, targets = problem((150,), 230, 32, bias=False, ignore_index=0)
     assert_close(leaves, targets, tol=1e-5, ignore_index=0)
 
 
-@needs_triton
-@pytest.mark.parametrize("lazy, pipeline", [(False, False), (True, False), (True, True)])
-def test_triton_rescale(config, lazy, pipeline):
+@pytest.mark.triton
+def test_triton_rescale(config):
     """Logits that grow along the vocabulary (by ~40 across it, some rows more than others): the running max moves
-    by more than the lazy threshold several times; the result is the same."""
-    config(LAZY_RESCALE=lazy, PIPELINE=pipeline)
+    by more than the lazy-rescale threshold several times; the result is the same."""
     (x, weight, bias), targets = problem((130,), 500, 32)
     with torch.no_grad():
         bias.copy_(torch.linspace(0, 30, 500) + bias)
@@ -168,11 +110,9 @@ def test_triton_rescale(config, lazy, pipeline):
     assert_close([x, weight, bias], targets, tol=1e-5)
 
 
-@needs_triton
-@pytest.mark.parametrize("g_mode", ["mul", "exp", "x"])
-def test_triton_signed_loss_weights(config, g_mode):
+@pytest.mark.triton
+def test_triton_signed_loss_weights(config):
     """Per-token losses through linear_ce_forward, weighted by signed weights: negative loss gradients g_i."""
-    config(G=g_mode)
     (x, weight, bias), targets = problem((150,), 300, 32)
     weights = torch.randn(150, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     loss = kernels.linear_ce_forward(x, weight, bias, targets, -1, True)[0]
@@ -186,34 +126,21 @@ def test_triton_signed_loss_weights(config, g_mode):
         assert ((a.double() - r).norm() / r.norm()).item() < 1e-5
 
 
-@needs_triton
-@pytest.mark.parametrize("g_mode, pipeline", [("mul", False), ("x", True)])
-def test_triton_bf16x2(config, g_mode, pipeline):
-    """The bf16x2 exponential (bf16 argument and result) on bf16 inputs: within bf16 tolerance of float64; with G
-    "exp" it is refused (the exponent, far from 0, would lose bits in bf16)."""
-    config(EXP="bf16x2", G=g_mode, PIPELINE=pipeline)
-    leaves, targets = problem((300,), 1000, 64, dtype=torch.bfloat16)
-    assert_close(leaves, targets, tol=1e-2)
-    config(EXP="bf16x2", G="exp")
-    with pytest.raises(ValueError, match="bf16x2"):
-        loss_and_grads(linear_cross_entropy, leaves, targets)
-
-
-@needs_triton
+@pytest.mark.triton
 def test_triton_ignore_index_inside_vocabulary(config):
     """ignore_index is a real token (0 here): only its positions are dropped, by value."""
     leaves, targets = problem((150,), 200, 32, ignore_index=0)
     assert_close(leaves, targets, tol=1e-5, ignore_index=0)
 
 
-@needs_triton
+@pytest.mark.triton
 def test_triton_bfloat16(config):
     """bf16 x and weight, fp32 bias: against the formula on the same bf16 values; gradients in the input dtypes."""
     leaves, targets = problem((300,), 1000, 64, dtype=torch.bfloat16)
     assert_close(leaves, targets, tol=1e-2)
 
 
-@needs_triton
+@pytest.mark.triton
 def test_triton_autocast(config):
     """Under autocast fp32 x and weight are cast to bf16, as F.linear would; the gradients come back in fp32."""
     leaves, targets = problem((100,), 300, 64)
@@ -228,7 +155,7 @@ def test_triton_autocast(config):
         assert ((a.double() - r).norm() / r.norm()).item() < 1e-2
 
 
-@needs_triton
+@pytest.mark.triton
 def test_triton_degenerate_targets(config):
     """Every position ignored: nan, as F.cross_entropy; a target outside the vocabulary: nan, not a wrong number."""
     leaves, targets = problem((40,), 100, 16)
@@ -237,7 +164,7 @@ def test_triton_degenerate_targets(config):
     assert linear_cross_entropy(*leaves, targets).isnan()
 
 
-@needs_triton
+@pytest.mark.triton
 def test_custom_ops(config):
     """torch.library.opcheck: schemas, fake (meta) functions and autograd registration agree with the kernels."""
     (x, weight, bias), targets = problem((40,), 70, 16)
@@ -250,7 +177,7 @@ def test_custom_ops(config):
         torch.library.opcheck(kernels.linear_ce_backward, (grad, x, weight, b, targets, lse, loss, -1))
 
 
-@needs_triton
+@pytest.mark.triton
 def test_triton_compile(config, monkeypatch):
     """torch.compile(fullgraph) of a loss through the custom ops, and its backward: no graph break, same values.
     Without AOTAutograd's on-disk cache, which keys on the graph but not on the custom ops' schemas."""
@@ -272,7 +199,7 @@ def test_triton_compile(config, monkeypatch):
 
 @pytest.fixture
 def fallback(monkeypatch):
-    monkeypatch.setattr(kernels, "HAS_TRITON", False)
+    monkeypatch.setattr(cross_entropy, "HAS_TRITON", False)
 
 
 @pytest.mark.parametrize("shape, bias, ignore_index", [((4, 30), True, -1), ((90,), False, 7)])

@@ -1,8 +1,8 @@
-"""kernels.relative_position_attention (the fused position-relative attention in Triton) against the materialised
-formula: outputs and the gradients of q, k, v and the table, in float64 (to 1e-10) and float32, with clipped
-offsets, odd lengths, no values, no table, values shared by all heads; dropout against its own mask; the custom ops, and
-attention.py's RA and RCA through the kernel. On a CPU the kernels run in the Triton interpreter (slowly: tiny
-shapes, tiles of 16)."""
+"""kernels.relative_position_attention (kernels/relational.py, the fused position-relative attention in Triton)
+against the materialised formula: outputs and the gradients of q, k, v and the table, in float64 (to 1e-10) and
+float32, with clipped offsets, odd lengths, no values, no table, values shared by all heads; dropout against its own
+mask; the custom ops, and attention.py's RA and RCA through the kernel. On a CPU the kernels run in the Triton
+interpreter (slowly: tiny shapes, tiles of 16)."""
 
 import math
 
@@ -11,17 +11,12 @@ import torch
 
 import attention
 import kernels
+from kernels import relational
 from test_attention import CASES, build, grads, inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-if kernels.triton is None:
-    SKIP = "triton is not installed"
-elif not kernels.HAS_TRITON:
-    SKIP = "no GPU, and kernels.py was imported without TRITON_INTERPRET=1"
-else:
-    SKIP = None
-pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
+pytestmark = pytest.mark.triton
 
 SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_V=16, num_warps=4, num_stages=1)
 
@@ -32,8 +27,8 @@ def tiles(monkeypatch):
     def use(forward=None, dq=None, dkdv=None, block=16):
         small = {"forward": {**SMALL, **(forward or {})}, "dq": {**SMALL, **(dq or {})},
                  "dkdv": {**SMALL, **(dkdv or {})}, "dtable": dict(BLOCK=block, num_warps=4, num_stages=1)}
-        monkeypatch.setattr(kernels, "RELPOS_CONFIGS", {math.inf: small})
-        monkeypatch.setattr(kernels, "RELPOS_CONFIGS_WIDE_DTYPES", small)
+        monkeypatch.setattr(relational, "RELPOS_CONFIGS", {math.inf: small})
+        monkeypatch.setattr(relational, "RELPOS_CONFIGS_WIDE_DTYPES", small)
     use()
     return use
 
