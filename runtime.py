@@ -92,6 +92,9 @@ def setup_device(args):
     if distributed:
         rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device.type == "cuda":
+        if distributed and local_rank >= torch.cuda.device_count():
+            raise RunError(f"process {local_rank} of this node has no GPU: {torch.cuda.device_count()} CUDA devices here "
+                           f"(torchrun --nproc_per_node at most that, or --device cpu)", code=2)
         if distributed or device.index is None:
             device = torch.device("cuda", local_rank if distributed else torch.cuda.current_device())
         torch.cuda.set_device(device)

@@ -17,16 +17,10 @@ tile from x, W, b and lse and contracts it at once. Two kernels: the forward ove
 vocabulary blocks; memory O(N d + V d) beyond the inputs. Matmuls take the input dtype (bf16 under autocast) and
 accumulate in fp32.
 
-At small d the dots are short (K = d) and each logit costs as much exponential and softmax arithmetic as matmul
-work (at d = 64 on an H200: 2 x 64 multiply-adds per logit, one exp2 per logit per kernel, the MUFU unit does 16 a
-clock per SM, the tensor cores 2048 multiply-adds), so the kernels keep the per-logit instruction count low:
-  - 2^x is one PTX ex2.approx.ftz.f32 (no subnormal handling: results below 2^-126 are 0); tl.exp2 in the
-    interpreter;
-  - the forward moves its running max, and rescales its sums, only when a tile's max exceeds it by more than
-    2^RESCALE_LOG2 (softmax terms stay <= 2^8; exact otherwise), not at every tile;
-  - the target-column select runs only in tiles that hold a target of the block;
-  - in dW the loss gradient g_i is folded into the exponent, 2^(log2e (z - lse) + log2 |g|), not a product per logit.
-docs/kernels.md lists the other variants that were measured against these.
+The arithmetic is the plain one: tl.exp2, the running max and sums rescaled at every tile, the target column
+selected in every tile, and dz formed as g_i (p_iv - [v == t_i]). A leaner variant (PTX ex2.approx.ftz, rescaling
+only when the max moves by more than 2^8, the target select only where a target lies, g folded into the exponent)
+made whole training steps slower on an H200; docs/kernels.md has the figures.
 
 linear_cross_entropy() falls back to plain PyTorch when Triton cannot run (no triton, or CPU tensors outside the
 interpreter, TRITON_INTERPRET=1). `python -m bench.kernels` checks and times the kernels on a GPU.
@@ -75,19 +69,6 @@ MAX_ROW_BYTES = 256
 # Triton kernels
 
 if triton is not None:
-    RESCALE_LOG2 = tl.constexpr(8.0)
-    PTX_EXP2 = tl.constexpr(not INTERPRET)  # the interpreter cannot run inline PTX
-
-    @triton.jit
-    def _exp2(x):
-        """2^x of an fp32 tile: PTX ex2.approx.ftz.f32 on a GPU, tl.exp2 in the interpreter."""
-        if PTX_EXP2:
-            y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                          is_pure=True, pack=1)
-        else:
-            y = tl.exp2(x)
-        return y
-
     @triton.jit
     def _dot_nt(a, b, a_ptr, b_ptr, rows_a, rows_b, n_a, n_b, D, stride_a, stride_b,
                 BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, PRECISION: tl.constexpr):
@@ -103,11 +84,6 @@ if triton is not None:
                 b_k = load_tile(b_ptr, rows_b, cols, n_b, D, stride_b)
                 acc = tl.dot(a_k, tl.trans(b_k), acc, input_precision=PRECISION)
         return acc
-
-    @triton.jit
-    def _holds_target(t, v0, BLOCK: tl.constexpr):
-        """Whether some target of t lies in the vocabulary rows [v0, v0 + BLOCK)."""
-        return tl.max(((t >= v0) & (t < v0 + BLOCK)).to(tl.int32)) > 0
 
     @triton.jit
     def _target_logit(x_ptr, w_ptr, b_ptr, rows, t, N, V, D, stride_x, stride_w,
@@ -126,27 +102,19 @@ if triton is not None:
     @triton.jit
     def _softmax_tile(z, n0, t, m, l, b_ptr, V, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
         """One step of the online logsumexp over the logit tile z (tokens x vocabulary columns n0 + [0, BLOCK_N)):
-        m <- max(m, max_v z_v) and l <- l 2^(log2e (m_old - m)) only when some row's exp(max_v z_v - m) exceeds
-        2^RESCALE_LOG2 (the terms stay below it otherwise), then l <- l + sum_v 2^(log2e (z_v - m)).
-        Returns the terms 2^(log2e (z_v - m)) with the target column set to 0 (for the dx matmul), m, l, and
-        alpha = 2^(log2e (m_old - m)) with whether m moved (the dx sum is then to be rescaled by alpha)."""
+        m' = max(m, max_v z_v), alpha = 2^(log2e (m - m')), l' = l alpha + sum_v 2^(log2e (z_v - m')).
+        Returns the terms 2^(log2e (z_v - m')) with the target column set to 0 (for the dx matmul), m', l', alpha."""
         cols = n0 + tl.arange(0, BLOCK_N)
         if HAS_BIAS:  # columns past V: -inf, out of every sum
             z += tl.load(b_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)[None, :]
         elif n0 + BLOCK_N > V:
             z = tl.where(cols[None, :] < V, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.full(m.shape, 1.0, tl.float32)
-        rescale = tl.max(m_new - m) * LOG2E > RESCALE_LOG2
-        if rescale:
-            alpha = tl.exp2((m - m_new) * LOG2E)
-            l *= alpha
-            m = m_new
-        p = _exp2(z * LOG2E - (m * LOG2E)[:, None])
-        l += tl.sum(p, axis=1)
-        if _holds_target(t, n0, BLOCK_N):
-            p = tl.where(cols[None, :] == t[:, None], 0.0, p)
-        return p, m, l, alpha, rescale
+        alpha = tl.exp2((m - m_new) * LOG2E)
+        p = tl.exp2(z * LOG2E - (m_new * LOG2E)[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        p = tl.where(cols[None, :] == t[:, None], 0.0, p)
+        return p, m_new, l, alpha
 
     @triton.jit
     def _forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, loss_ptr, lse_ptr, dx_ptr, N, V, D, stride_x, stride_w,
@@ -172,11 +140,9 @@ if triton is not None:
             cols = n0 + tl.arange(0, BLOCK_N)
             w = load_tile(w_ptr, cols, cols_d, V, D, stride_w)  # this chunk of W; the logits' if NUM_K == 1
             z = _dot_nt(x, w, x_ptr, w_ptr, rows, cols, N, V, D, stride_x, stride_w, BLOCK_K, NUM_K, PRECISION)
-            p, m, l, alpha, rescale = _softmax_tile(z, n0, t, m, l, b_ptr, V, HAS_BIAS, BLOCK_N)
+            p, m, l, alpha = _softmax_tile(z, n0, t, m, l, b_ptr, V, HAS_BIAS, BLOCK_N)
             if WITH_DX:
-                if rescale:
-                    acc *= alpha[:, None]
-                acc = tl.dot(p.to(w.dtype), w, acc, input_precision=PRECISION)
+                acc = tl.dot(p.to(w.dtype), w, acc * alpha[:, None], input_precision=PRECISION)
         lse = m + tl.log2(l) / LOG2E
 
         in_vocab = (t >= 0) & (t < V)
@@ -196,23 +162,17 @@ if triton is not None:
     @triton.jit
     def _dz_tile(z, rows, v0, t_ptr, lse_ptr, loss_ptr, g_ptr, N, ignore_index, BLOCK_N: tl.constexpr):
         """The transposed gradient tile dz^T (vocabulary rows v0 + [0, BLOCK_N) x token columns rows) from the logit
-        tile z: dz_iv = sign(g_i) 2^(log2e (z_iv - lse_i) + log2 |g_i|), the tokens' loss gradients g folded into
-        the exponent (0 on ignored and padding rows); the target column g_i (p_it - 1) = g_i (exp(-loss_i) - 1)
-        from the forward's loss."""
+        tile z: dz_iv = g_i p_iv with p_iv = 2^(log2e (z_iv - lse_i)) (0 on ignored and padding rows); the target
+        column g_i (p_it - 1) = g_i (exp(-loss_i) - 1) from the forward's loss, which keeps 1 - p_it's precision."""
         cols = v0 + tl.arange(0, BLOCK_N)
         t = tl.load(t_ptr + rows, mask=rows < N, other=ignore_index)
         lse2 = tl.load(lse_ptr + rows, mask=rows < N, other=float("inf")) * LOG2E  # padding rows: p = 0
         loss = tl.load(loss_ptr + rows, mask=rows < N, other=0.0)
         g = tl.load(g_ptr + rows, mask=rows < N, other=0.0)
         g = tl.where(t == ignore_index, 0.0, g)
-        p_t_minus_1 = tl.exp2(-loss * LOG2E) - 1.0
-        dz = _exp2(z * LOG2E + (tl.log2(tl.abs(g)) - lse2)[None, :])
-        dz_t = tl.abs(g) * p_t_minus_1
-        if _holds_target(t, v0, BLOCK_N):
-            dz = tl.where(cols[:, None] == t[None, :], dz_t[None, :], dz)
-        if tl.min(g) < 0:
-            dz = tl.where(g[None, :] < 0, -dz, dz)
-        return dz
+        dz = tl.exp2(z * LOG2E - lse2[None, :]) * g[None, :]
+        dz_t = g * (tl.exp2(-loss * LOG2E) - 1.0)
+        return tl.where(cols[:, None] == t[None, :], dz_t[None, :], dz)
 
     @triton.jit
     def _dw_kernel(x_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, loss_ptr, g_ptr, dw_ptr, db_ptr, N, V, D, stride_x,

@@ -126,12 +126,12 @@ if triton is not None:
                 cols = c * BLOCK_V + tl.arange(0, BLOCK_V)
                 do = load_tile(do_v_ptr, rows, cols, T, DV, s_dot)
                 v = load_tile(v_ptr, keys, cols, T, DV, s_vt)
-                dp = tl.dot(do, tl.trans(v), dp, input_precision=PRECISION)
+                dp = tl.dot(do, tl.trans(v), dp, input_precision=PRECISION, out_dtype=dp.dtype)
         if HAS_R:
             cols = tl.arange(0, BLOCK_R)
             do_r = load_tile(do_r_ptr, rows, cols, T, DR, s_drt)
             tab = _table_tile(tab_ptr, j0 - i0, M, cols, DR, s_tr, BLOCK_M, BLOCK_N, BLOCK_W)
-            dp += _unskew(tl.dot(do_r, tl.trans(tab), input_precision=PRECISION), BLOCK_M, BLOCK_N)
+            dp += _unskew(tl.dot(do_r, tl.trans(tab), input_precision=PRECISION, out_dtype=dp.dtype), BLOCK_M, BLOCK_N)
         return dp
 
     @triton.jit
@@ -177,11 +177,11 @@ if triton is not None:
                 p = tl.where(_keep(seed_ptr, bh, rows, j0, T, dropout_p, BLOCK_M, BLOCK_N), p, 0.0)
             if HAS_V:
                 v = load_tile(v_ptr, keys, cols_v, T, DV, s_vt)
-                acc_v = tl.dot(p.to(v.dtype), v, acc_v * alpha[:, None], input_precision=PRECISION)
+                acc_v = tl.dot(p.to(v.dtype), v, acc_v * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
             if HAS_R:
                 tab = _table_tile(tab_ptr, j0 - i0, M, cols_r, DR, s_tr, BLOCK_M, BLOCK_N, BLOCK_W)
                 p_skew = _skew(p, BLOCK_M, BLOCK_N, BLOCK_W).to(tab.dtype)
-                acc_r = tl.dot(p_skew, tab, acc_r * alpha[:, None], input_precision=PRECISION)
+                acc_r = tl.dot(p_skew, tab, acc_r * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
             m = m_new
         norm = 1.0 / (l * (1.0 - dropout_p))
         in_rows = rows[:, None] < T
@@ -231,7 +231,7 @@ if triton is not None:
             if HAS_DROPOUT:
                 dp = tl.where(_keep(seed_ptr, bh, rows, j0, T, dropout_p, BLOCK_M, BLOCK_N), dp, 0.0)
             ds = p * (dp / (1.0 - dropout_p) - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=ACC)
         ptrs = dq_ptr + b * s_qb + g * s_qh + rows[:, None] * s_qt + cols_h[None, :]
         tl.store(ptrs, dq * scale, mask=(rows[:, None] < T) & (cols_h[None, :] < H))
 
@@ -275,7 +275,7 @@ if triton is not None:
                 p_drop = p
                 if HAS_DROPOUT:
                     p_drop = tl.where(keep, p, 0.0)
-                dv = tl.dot(tl.trans(p_drop.to(do.dtype)), do, dv, input_precision=PRECISION)
+                dv = tl.dot(tl.trans(p_drop.to(do.dtype)), do, dv, input_precision=PRECISION, out_dtype=ACC)
             if WITH_DK:
                 delta = tl.load(delta_ptr + bh * T + rows, mask=rows < T, other=0.0)
                 dp = _dp_tile(do_v_ptr, do_r_ptr, v_ptr, tab_ptr, rows, keys, i0, j0, T, DV, DR, M,
@@ -285,7 +285,7 @@ if triton is not None:
                 if HAS_DROPOUT:
                     dp = tl.where(keep, dp, 0.0)
                 ds = p * (dp / (1.0 - dropout_p) - delta[:, None])
-                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION, out_dtype=ACC)
         if HAS_V:
             ptrs = dv_ptr + (bh * T + keys[:, None]) * DV + cols_v[None, :]
             tl.store(ptrs, dv / (1.0 - dropout_p), mask=(keys[:, None] < T) & (cols_v[None, :] < DV))
@@ -325,7 +325,7 @@ if triton is not None:
                 p = tl.where(_keep(seed_ptr, bh, rows, j0, T, dropout_p, BLOCK, BLOCK), p, 0.0)
             do_r = load_tile(do_r_ptr, rows, cols_r, T, DR, s_dort)
             p_skew = _skew(p, BLOCK, BLOCK, 2 * BLOCK).to(do_r.dtype)
-            acc = tl.dot(tl.trans(p_skew), do_r, acc, input_precision=PRECISION)
+            acc = tl.dot(tl.trans(p_skew), do_r, acc, input_precision=PRECISION, out_dtype=ACC)
         u = tl.arange(0, 2 * BLOCK)
         ptrs = part_ptr + ((bh * tl.num_programs(0) + delta_blocks) * 2 * BLOCK + u[:, None]) * DR + cols_r[None, :]
         tl.store(ptrs, acc / (1.0 - dropout_p), mask=cols_r[None, :] < DR)

@@ -55,6 +55,14 @@ def pytest_runtest_setup(item):
 import toy_runs  # noqa: E402 (after the path)
 
 
+@pytest.fixture(autouse=True)
+def float32_matmul_precision():
+    """train.main on CUDA allows TF32 matmuls for its process: undo that after each test run in this process."""
+    precision = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(precision)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """The toy corpus: JSON shards, tok300.model and its uint16 shards (toy_runs.make_toy_data)."""

@@ -47,7 +47,7 @@ def plain_output(module, x, symbols, rope=None):
 
 
 def grads(module, x, symbols, out):
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(out.device)
     tensors = [x, symbols, *module.parameters()]
     return torch.autograd.grad((out * weights).sum(), tensors)
 

@@ -105,8 +105,8 @@ def test_triton_rescale(config):
     by more than the lazy-rescale threshold several times; the result is the same."""
     (x, weight, bias), targets = problem((130,), 500, 32)
     with torch.no_grad():
-        bias.copy_(torch.linspace(0, 30, 500) + bias)
-        weight.add_(torch.linspace(0, 1, 500)[:, None] * x[:1])  # row-dependent growth
+        bias.copy_(torch.linspace(0, 30, 500, device=bias.device) + bias)
+        weight.add_(torch.linspace(0, 1, 500, device=weight.device)[:, None] * x[:1])  # row-dependent growth
     assert_close([x, weight, bias], targets, tol=1e-5)
 
 
@@ -114,7 +114,7 @@ def test_triton_rescale(config):
 def test_triton_signed_loss_weights(config):
     """Per-token losses through linear_ce_forward, weighted by signed weights: negative loss gradients g_i."""
     (x, weight, bias), targets = problem((150,), 300, 32)
-    weights = torch.randn(150, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    weights = torch.randn(150, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(x.device)
     loss = kernels.linear_ce_forward(x, weight, bias, targets, -1, True)[0]
     got = torch.autograd.grad((loss.double() * weights).sum(), (x, weight, bias))
     leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]

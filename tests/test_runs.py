@@ -177,6 +177,7 @@ def wandb_records(path):
 
 
 def test_wandb_without_credentials_logs_offline(data_dir, tmp_path):
+    pytest.importorskip("wandb", reason="the wandb package is not installed (pip install wandb)")
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}

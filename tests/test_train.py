@@ -409,7 +409,8 @@ def test_a_reference_checkpoint_evaluates_and_resumes(data_dir, tmp_path, capsys
     model = reference_checkpoint(run_dir / CHECKPOINT_FILE, flags)
     with torch.no_grad():
         val = [model(x, y)[1].item() for x, y in eval_windows(data_dir)]
-    argv = args_for(data_dir, tmp_path, MODELS["ra-symbolic"], "--init_from", "resume", "--ckpt_path", run_dir)
+    argv = args_for(data_dir, tmp_path, MODELS["ra-symbolic"], "--init_from", "resume", "--ckpt_path", run_dir,
+                    "--device", "cpu")  # float32 on every host: the loss equals the float32 forward above
 
     code, _, err = run_main(capsys, argv + ["--eval_only", "1"])  # their learning rate was 1e-3
     assert code == 2
@@ -490,7 +491,8 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_resumes_exactly(data_dir, tmp_
 
 def test_torchrun_two_cpu_processes(data_dir, tmp_path):
     result = run_script(args_for(data_dir, tmp_path, dat("rca", "symbolic_attention"), *CONSTANT_LR,
-                                 "--max_iters", 4, "--eval_interval", 2, "--gradient_accumulation_steps", 2),
+                                 "--max_iters", 4, "--eval_interval", 2, "--gradient_accumulation_steps", 2,
+                                 "--device", "cpu"),
                         launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                   "train.py"))
     assert result.returncode == 0, result.stderr
