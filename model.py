@@ -332,12 +332,17 @@ class SymbolicAttention(nn.Module):
         self.symbol_library = nn.Parameter(torch.randn(config.n_symbols, d), requires_grad=config.trainable_symbols)
 
     def forward(self, x):
+        """Every position of the batch queries the same library. When a backward follows, as B sequences over a
+        broadcast view of it: SDPA's backward parallelises over batch x heads x key blocks, and one sequence of B*T
+        queries against n_s keys gives it only heads x n_s/128 programs (28% slower steps at d64 on an H100).
+        Without gradients (generation), as one sequence of B*T queries, so that no B copies of it are made."""
         B, T, d = x.shape
-        # every position of the batch queries the same library: one sequence of B*T queries (never B copies of it)
-        q = self.q_proj(x).view(1, B * T, self.n_heads, -1).transpose(1, 2)  # (1, n, B*T, d/n)
-        keys = self.template_features.view(1, -1, self.n_heads, d // self.n_heads).transpose(1, 2)  # (1, n, n_s, d/n)
-        values = self.symbol_library.view(1, -1, self.n_heads, d // self.n_heads).transpose(1, 2)
-        symbols = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype))  # (1, n, B*T, d/n)
+        n, h = self.n_heads, d // self.n_heads
+        batch = B if torch.is_grad_enabled() else 1
+        q = self.q_proj(x).view(batch, -1, n, h).transpose(1, 2)  # (batch, n, B*T/batch, h)
+        keys = self.template_features.view(1, -1, n, h).transpose(1, 2).expand(batch, -1, -1, -1)  # (batch, n, n_s, h)
+        values = self.symbol_library.view(1, -1, n, h).transpose(1, 2).expand(batch, -1, -1, -1)
+        symbols = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype))  # (batch, n, B*T/batch, h)
         return symbols.transpose(1, 2).reshape(B, T, d)
 
     def forward_flops(self, T):
