@@ -113,7 +113,7 @@ def hf_model(path, directory, **changes):
     try:
         return reference.load_hf_directory(directory, **changes)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise RunError(f"{path}: not a model in the Hugging Face format this code builds ({e})") from None
+        raise RunError(f"{path} is not a model in the Hugging Face format this code builds: {e}") from None
 
 
 def download_from_hub(repo_id):

@@ -21,6 +21,8 @@ keeps one `symbol_retriever` and an output-layer alias in its state dict, and st
 
 import json
 import os
+import re
+import secrets
 from dataclasses import replace
 
 import torch
@@ -268,6 +270,13 @@ def model_from_checkpoint(ckpt, **changes):
 # the Hugging Face format of their package
 
 HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_PICKLE = "config.json", "model.safetensors", "pytorch_model.bin"
+# why the paper-era model (--arch paper) has no counterpart in their package (checked against dual-attention 0.0.7)
+PAPER_NOT_IN_PACKAGE = (
+    "a paper-era model (--arch paper) cannot be exported: the authors' dual-attention package builds only today's "
+    "architecture, whose DualAttnTransformerLM and TransformerLM always end with a LayerNorm and tie the output "
+    "layer to the token embedding without a bias, while the paper-era model has no final LayerNorm and a separate "
+    "output layer with a bias (no config.json of theirs describes it); every tool here reads the run directory "
+    "itself")
 
 
 def kind_of_hf_config(model_args):
@@ -276,24 +285,65 @@ def kind_of_hf_config(model_args):
 
 def load_hf_directory(directory, **changes):
     """config.json + model.safetensors (or pytorch_model.bin) of their package -> our model, in eval mode, on the
-    CPU. `changes` replace config fields that leave the weights as they are."""
-    with open(os.path.join(directory, HF_CONFIG)) as f:
-        try:
-            model_args = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{f.name} is not JSON ({e})") from None
+    CPU. `changes` replace config fields that leave the weights as they are. ValueError naming the file when one
+    is malformed (not a JSON object, truncated or not weights)."""
+    model_args = read_hf_config(os.path.join(directory, HF_CONFIG))
     config = replace(config_from_reference(kind_of_hf_config(model_args), model_args), **changes)
-    safetensors_path, pickle_path = os.path.join(directory, HF_WEIGHTS), os.path.join(directory, HF_WEIGHTS_PICKLE)
-    if os.path.isfile(safetensors_path):
-        from safetensors.torch import load_file
-        state = load_file(safetensors_path, device="cpu")
-    elif os.path.isfile(pickle_path):
-        state = torch.load(pickle_path, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{directory} has a {HF_CONFIG} but no {HF_WEIGHTS}")
+    state = read_hf_weights(directory)
     model = build_model(config)
     load_state_dict(model, with_shared_names(model, state))
     return model.eval()
+
+
+def read_hf_config(path):
+    """The constructor's keyword arguments in a config.json; ValueError unless it is a JSON object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            model_args = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    if not isinstance(model_args, dict):
+        raise ValueError(f"{path} holds a JSON {type(model_args).__name__}, not an object of the model's arguments")
+    return model_args
+
+
+def is_hf_config(path):
+    """Whether a config.json is that of a Hugging Face directory of their package (export.py writes one): a JSON
+    object of their constructors' arguments only (train.py's config.json holds its flags)."""
+    try:
+        model_args = read_hf_config(path)
+    except (OSError, ValueError):
+        return False
+    known = set(CONSTRUCTOR_ARGS["TransformerLM"]) | set(CONSTRUCTOR_ARGS["DualAttnTransformerLM"])
+    return bool(model_args) and set(model_args) <= known
+
+
+def read_hf_weights(directory):
+    """The state dict of model.safetensors, else of pytorch_model.bin (read weights-only: tensors, no code);
+    ValueError naming the file when it is truncated, empty, not weights or not a dict of tensors."""
+    safetensors_path, pickle_path = os.path.join(directory, HF_WEIGHTS), os.path.join(directory, HF_WEIGHTS_PICKLE)
+    if os.path.isfile(safetensors_path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        path = safetensors_path
+        try:
+            state = load_file(path, device="cpu")
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted: {e})") from None
+    elif os.path.isfile(pickle_path):
+        path = pickle_path
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises all kinds for a truncated, empty or text file
+            unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            why = (f"it holds a Python object ({unsafe.group(1)}), not only tensors" if unsafe else
+                   f"truncated or corrupted: {' '.join(str(e).split())[:120] or type(e).__name__}")
+            raise ValueError(f"{path} is not a weights-only PyTorch file ({why})") from None
+    else:
+        raise FileNotFoundError(f"{directory} has a {HF_CONFIG} but no {HF_WEIGHTS}")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a dict of tensors")
+    return state
 
 
 def with_shared_names(model, state_dict):
@@ -313,18 +363,37 @@ def with_shared_names(model, state_dict):
 def save_hf_directory(model, directory):
     """Write config.json (the keyword arguments of their DualAttnTransformerLM / TransformerLM) and
     model.safetensors, which their `dual_attention.hf` classes read with from_pretrained(directory).
-    ValueError for a paper-era model (their package builds only today's architecture). Each file is written
-    to a temporary name and renamed into place."""
+    ValueError for a paper-era model (PAPER_NOT_IN_PACKAGE). Each file is written to a fresh temporary file and
+    renamed into place, readable like any file the user writes (the umask's permissions)."""
     from safetensors.torch import save_model
     if model.config.arch != "current":
-        raise ValueError("a paper-era model (--arch paper) has no counterpart in the authors' dual-attention "
-                         "package, whose classes build only the 'current' architecture")
+        raise ValueError(PAPER_NOT_IN_PACKAGE)
     kind, model_args = reference_args(model.config)
     os.makedirs(directory, exist_ok=True)
-    config_path, weights_path = os.path.join(directory, HF_CONFIG), os.path.join(directory, HF_WEIGHTS)
-    with open(config_path + ".tmp", "w") as f:
-        json.dump(model_args, f, indent=2, sort_keys=True)
-    save_model(model, weights_path + ".tmp", metadata={"format": "pt"})
-    os.replace(weights_path + ".tmp", weights_path)
-    os.replace(config_path + ".tmp", config_path)
+    temps = {}
+    try:
+        temps[HF_CONFIG] = new_temp_file(directory, HF_CONFIG)
+        with open(temps[HF_CONFIG], "w") as f:
+            json.dump(model_args, f, indent=2, sort_keys=True)
+        temps[HF_WEIGHTS] = new_temp_file(directory, HF_WEIGHTS)
+        mode = os.stat(temps[HF_WEIGHTS]).st_mode  # an ordinary file's under the umask
+        save_model(model, temps[HF_WEIGHTS], metadata={"format": "pt"})  # (safetensors makes it 0600)
+        os.chmod(temps[HF_WEIGHTS], mode)
+        for name in (HF_WEIGHTS, HF_CONFIG):
+            os.replace(temps.pop(name), os.path.join(directory, name))
+    finally:
+        for path in temps.values():
+            os.unlink(path)
     return kind
+
+
+def new_temp_file(directory, name):
+    """The path of a new empty file for `name` in `directory`: a fresh hidden name, created exclusively (never
+    through an existing file or link), with the permissions of an ordinary file under the umask."""
+    while True:
+        path = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue

@@ -9,7 +9,7 @@ vocab_size and data_dir, as train.py finds it; a Hugging Face directory's own to
 Each prompt is continued num_samples times in one batch; the prompt's text is printed with its continuation.
 """
 
-import argparse
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -17,14 +17,14 @@ from contextlib import nullcontext
 import torch
 
 from checkpoints import PATH_HELP, find_tokenizer, load_model
-from runtime import HelpFormatter, RunError, one_line_errors, resolve_dtype, setup_device, synchronize
-from tokenizer import DataError
+from runtime import Parser, RunError, one_line_errors, resolve_dtype, setup_device, synchronize
+from tokenizer import DataError, text_from_argv
 
 SEPARATOR = "-" * 100
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    p = Parser(description=__doc__)
     p.add_argument("--ckpt_path", required=True, help=PATH_HELP)
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", action="append", help="a prompt (repeatable; default: one empty prompt, BOS only)")
@@ -49,21 +49,30 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    problems = [message for bad, message in [
-        (args.num_samples < 1, "--num_samples must be at least 1"),
-        (args.max_new_tokens < 0, "--max_new_tokens must not be negative"),
-        (args.temperature < 0, "--temperature must not be negative"),
-        (args.top_k is not None and args.top_k < 1, "--top_k must be at least 1"),
-        (args.top_p is not None and not 0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
-    ] if bad]
+    problems = sampling_flag_problems(args)
     if problems:
         parser.error("; ".join(problems))
     return args
 
 
+def sampling_flag_problems(args):
+    """What is wrong with the sampling flags that `args` has (sample.py's, and train.py's --temperature and --top_k),
+    checked in this one place: a list of messages, empty when all are in range (NaN and infinity are in none)."""
+    checks = [
+        ("temperature", lambda t: math.isfinite(t) and t >= 0, "must be 0 (greedy) or positive"),
+        ("top_k", lambda k: k is None or k >= 1, "must be at least 1"),
+        ("top_p", lambda p: p is None or 0 < p <= 1, "must be in (0, 1]"),
+        ("num_samples", lambda n: n >= 1, "must be at least 1"),
+        ("max_new_tokens", lambda n: n >= 1, "must be at least 1"),
+    ]
+    return [f"--{name} {message} (got {getattr(args, name)})" for name, valid, message in checks
+            if hasattr(args, name) and not valid(getattr(args, name))]
+
+
 def read_prompts(args):
+    """The --prompt texts (bytes that are not UTF-8 replaced by U+FFFD), or the --prompt_file's text."""
     if args.prompt_file is None:
-        return args.prompt or [""]
+        return [text_from_argv(prompt) for prompt in args.prompt] if args.prompt else [""]
     try:
         with open(args.prompt_file, encoding="utf-8") as f:
             return [f.read()]

@@ -29,11 +29,13 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import Event
 from pathlib import PurePosixPath
+from urllib.parse import urlsplit
 
 import numpy as np
 import requests
 import sentencepiece as spm
 from tqdm import tqdm as _tqdm
+from urllib3.exceptions import NewConnectionError
 
 from loader import SHARD_DIR, bin_dir, json_shards
 from tokenizer import TOKENIZER_MODEL, DataError, MissingDataError, Tokenizer, prepare_command, tokenizer_path
@@ -186,10 +188,26 @@ def _transfer(url, part, timeout, desc):
     return total is None or size == total
 
 
+class NoConnection(DataError):
+    """The server cannot be reached at all: its name does not resolve, or nothing accepts the connection."""
+
+
+def unreachable_because(error):
+    """Why a requests error means that the host cannot be reached at all, or None (an interrupted transfer)."""
+    if isinstance(error, requests.ConnectTimeout):
+        return "the connection timed out"
+    reason = getattr(error.args[0], "reason", None) if error.args else None
+    if isinstance(reason, NewConnectionError):  # the name does not resolve, or the connection is refused
+        return str(reason).split("): ", 1)[-1]
+    return None
+
+
 def download_file(url, dest, verify=None, timeout=30.0, retries=5, backoff=2.0):
     """
     Download `url` to `dest`, resumably: bytes stream into `dest.part`; after a dropped connection the transfer
-    continues with an HTTP Range request (within this call up to `retries` times, and in the next call).
+    continues with an HTTP Range request (within this call up to `retries` times, and in the next call). A host
+    that cannot be reached at all on the first try (no network) raises NoConnection at once: retries are for
+    interrupted transfers.
     The length is checked against Content-Length / Content-Range, then `verify(part)` (which raises DataError)
     runs, and only then does `dest` appear, through os.replace. A part that fails verification is deleted.
     """
@@ -201,6 +219,11 @@ def download_file(url, dest, verify=None, timeout=30.0, retries=5, backoff=2.0):
                 break
             why = "the connection closed before the end of the file"
         except requests.RequestException as e:
+            unreachable = unreachable_because(e)
+            if unreachable and attempt == 0:
+                kept = os.path.getsize(part) if os.path.exists(part) else 0
+                raise NoConnection(f"cannot connect to {urlsplit(url).netloc} to download {url} ({unreachable})"
+                                   + (f"; {kept:,} bytes kept in {part}" if kept else "")) from None
             why = f"{type(e).__name__}: {e}"
         if attempt == retries:
             kept = os.path.getsize(part) if os.path.exists(part) else 0
@@ -233,8 +256,12 @@ def fetch_tokenizer(dest=TOKENIZER_MODEL, url=TOKENIZER_URL, sha256=TOKENIZER_SH
         print(f"{dest} already present")
         return
     print(f"Downloading {url} to {dest}...")
-    download_file(url, dest, verify=lambda p: check_sha256(p, sha256), timeout=timeout, retries=retries,
-                  backoff=backoff)
+    try:
+        download_file(url, dest, verify=lambda p: check_sha256(p, sha256), timeout=timeout, retries=retries,
+                      backoff=backoff)
+    except NoConnection as e:
+        which = "the Llama 2 tokenizer.model" if sha256 == TOKENIZER_SHA256 else "the tokenizer model"
+        raise DataError(f"{e}: copy {which} to {dest} (sha256 {sha256})") from None
 
 
 def _unsafe(member):
@@ -373,7 +400,11 @@ def download(data_dir="data", source=DATA_URL, tokenizer_model=TOKENIZER_MODEL, 
                 print(f"{local} already downloaded")
             else:
                 print(f"Downloading {source} to {local}...")
-                download_file(source, local, timeout=timeout, retries=retries, backoff=backoff)
+                try:
+                    download_file(source, local, timeout=timeout, retries=retries, backoff=backoff)
+                except NoConnection as e:
+                    raise DataError(f"{e}: run the command again when the network is back, or give --source a "
+                                    f"local copy (a .tar.gz, a directory of .json shards or a .txt)") from None
         if os.path.isdir(local):
             copy_shards(local, shard_dir)
         elif not os.path.isfile(local):
@@ -504,7 +535,7 @@ def train_vocab(vocab_size, data_dir="data", num_shards=10, keep_text=False):
     """
     Train a SentencePiece BPE model on the first `num_shards` shards (llama2.c's settings) and write
     <data_dir>/tok{N}.model and .vocab atomically. The temporary text file <data_dir>/tiny.txt is deleted
-    unless keep_text.
+    unless keep_text. SentencePiece logs nothing but errors; one line sums up the result.
     """
     if vocab_size <= 0:
         raise DataError("--vocab_size must be positive for train_vocab")
@@ -524,10 +555,10 @@ def train_vocab(vocab_size, data_dir="data", num_shards=10, keep_text=False):
         try:
             spm.SentencePieceTrainer.train(
                 input=text_file, model_prefix=tmp_prefix, model_type="bpe", vocab_size=vocab_size,
-                self_test_sample_size=0, input_format="text", character_coverage=1.0, num_threads=os.cpu_count(),
+                input_format="text", character_coverage=1.0, num_threads=os.cpu_count(),
                 split_digits=True, allow_whitespace_only_pieces=True, byte_fallback=True,
                 unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
-                input_sentence_size=200_000, shuffle_input_sentence=True)
+                input_sentence_size=200_000, shuffle_input_sentence=True, minloglevel=2)  # its errors only, no log
         except RuntimeError as e:
             raise DataError(f"SentencePiece training failed: {str(e).strip().splitlines()[-1]}") from None
         os.replace(tmp_prefix + ".vocab", prefix + ".vocab")

@@ -32,6 +32,12 @@ def prepare_command(stage, vocab_size=0, data_dir="data"):
     return f"`{cmd}`"
 
 
+def text_from_argv(text):
+    """A command-line argument as the text the user typed: bytes that are not UTF-8 (which Python keeps as lone
+    surrogates, that SentencePiece and every UTF-8 writer refuse) become U+FFFD, the rest is unchanged."""
+    return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+
+
 def tokenizer_path(vocab_size=0, data_dir="data"):
     """Path of the SentencePiece model: the Llama 2 model for vocab_size 0, else <data_dir>/tok{N}.model."""
     return TOKENIZER_MODEL if vocab_size == 0 else os.path.join(data_dir, f"tok{vocab_size}.model")

@@ -37,6 +37,7 @@ from runs import (RUN_SETTINGS, RESUME_ADVICE, Logger, changed_settings, check_c
                   new_run_dir, run_lock, write_config)
 from runtime import (Parser, RunError, all_gather, one_line_errors, resolve_dtype, rng_state, set_rng_state,
                      setup_device, stop_signals)
+from sample import sampling_flag_problems
 from tokenizer import DataError, Tokenizer, tokenizer_path
 
 PROMPTS = ["Once upon a time,", "There once was a girl named ", "On a rainy day,", "Emma went to", "", "", ""]
@@ -180,10 +181,9 @@ def check_ranges(args):
     for name in ("weight_decay", "grad_clip"):
         if not getattr(args, name) >= 0:
             raise ValueError(f"--{name} must not be negative (got {getattr(args, name)})")
-    if not args.temperature >= 0:
-        raise ValueError(f"--temperature must be 0 (greedy) or positive (got {args.temperature})")
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top_k must be at least 1 (got {args.top_k})")
+    problems = sampling_flag_problems(args)  # --temperature, --top_k
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 # -----------------------------------------------------------------------------

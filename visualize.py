@@ -10,7 +10,6 @@ Prompts longer than MAX_TOKENS tokens (BOS included) are cropped to their first 
 The checkpoint may be anything checkpoints.load_model reads; the tokenizer is found as train.py finds it.
 """
 
-import argparse
 import html
 import os
 import sys
@@ -19,8 +18,8 @@ import torch
 from matplotlib.figure import Figure  # drawn without pyplot: no GUI backend, no global state
 
 from checkpoints import PATH_HELP, find_tokenizer, load_model
-from runtime import RunError, one_line_errors
-from tokenizer import DataError
+from runtime import Parser, RunError, one_line_errors, setup_device
+from tokenizer import DataError, text_from_argv
 
 MAX_TOKENS = 64
 COLUMNS = 4  # heatmaps per row, at most
@@ -115,7 +114,7 @@ def write_index(out_dir, prompt, labels, note, sections):
         parts.append(f"<h2>layer {layer}</h2>")
         for title, file in figures:
             parts.append(f"<h3>{html.escape(title)}</h3><img src='{html.escape(file)}' alt='{html.escape(title)}'>")
-    with open(os.path.join(out_dir, "index.html"), "w") as f:
+    with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
         f.write("\n".join(parts) + "\n")
 
 
@@ -150,22 +149,21 @@ def visualize(model, tokenizer, prompt, out_dir, layers, device):
 
 @one_line_errors(DataError, OSError, ValueError, RuntimeError)
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = Parser(description=__doc__)
     parser.add_argument("--ckpt_path", required=True, help=PATH_HELP)
     parser.add_argument("--prompt", required=True, help="the text to visualise (BOS is prepended)")
     parser.add_argument("--out_dir", required=True, help="directory for the PNGs and index.html")
     parser.add_argument("--layers", default=None, help="layers to draw, e.g. 0,2 (default: all)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N, mps")
     parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: found from the checkpoint)")
     args = parser.parse_args(argv)
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise RunError(f"--out_dir {args.out_dir} is a file")
-    device = torch.device(args.device)
+    device, _, _ = setup_device(args)
     model, ckpt = load_model(args.ckpt_path)
     tokenizer = find_tokenizer(args.ckpt_path, ckpt, model.config.vocab_size, args.tokenizer)
     layers = parse_layers(args.layers, model.config.n_layers)
-    files, note = visualize(model, tokenizer, args.prompt, args.out_dir, layers, device)
+    files, note = visualize(model, tokenizer, text_from_argv(args.prompt), args.out_dir, layers, device)
     if note:
         print(note)
     print(f"wrote {len(files)} files to {args.out_dir}; open {os.path.join(args.out_dir, 'index.html')}")

@@ -8,6 +8,8 @@ disk; the tokenizer of a model is found as train.py finds it.
 import os
 import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import torch
 import export
 import reference as R
 import sample
+import visualize
 from checkpoints import CHECKPOINT_FILE, checkpoint_file, find_tokenizer, load_model
 from runtime import RunError
 from toy_runs import (CONSTANT_LR, TRANSFORMER, VOCAB, args_for, assert_one_line_error, load_ckpt, run_main,
@@ -95,6 +98,27 @@ def test_sample_reads_a_hugging_face_directory(trained_run, data_dir, tmp_path, 
     assert outputs[0].startswith("Once upon a time,") and outputs[0] == outputs[1] == outputs[2]
 
 
+def flip_an_exponent_bit(path):
+    """Flip the second-highest bit of the first float of the checkpoint's largest tensor record: an exponent bit
+    (float32, little-endian: the sign and the exponent's top 7 bits are its fourth byte), so that a weight of
+    about 0.02 becomes about 1e36. Returns the bytes."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        record = max((info for info in archive.infolist() if "/data/" in info.filename), key=lambda i: i.file_size)
+    name_length, extra_length = struct.unpack("<HH", data[record.header_offset + 26:record.header_offset + 30])
+    start = record.header_offset + 30 + name_length + extra_length  # past the record's local header
+    data[start + 3] ^= 0x40
+    return data
+
+
+def largest_value(tree):
+    """The largest |value| of the tensors in a nested dict/list (a checkpoint's model and optimizer states)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.float().abs().max().item() if tree.numel() and tree.is_floating_point() else 0.0
+    children = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else []
+    return max((largest_value(child) for child in children), default=0.0)
+
+
 def damaged_copy(trained_run, tmp_path, damage):
     """A copy of the run whose checkpoint is damaged: (run directory, checkpoint path, the damaged bytes)."""
     run_dir = shutil.copytree(trained_run, tmp_path / "run")
@@ -103,7 +127,7 @@ def damaged_copy(trained_run, tmp_path, damage):
     if damage == "truncated":
         data = data[:len(data) // 2]
     elif damage == "flipped bit":
-        data[len(data) // 2] ^= 0x10  # inside a tensor: torch.load alone would not notice
+        data = flip_an_exponent_bit(path)
     else:
         data = b"" if damage == "empty" else b"not a checkpoint\n"
     path.write_bytes(data)
@@ -126,10 +150,11 @@ def test_a_corrupt_checkpoint_is_one_line(data_dir, tmp_path, capsys, trained_ru
     ("visualize.py", ["--prompt", "Lily", "--out_dir", "OUT"]),
     ("export.py", ["--out_dir", "OUT"]),
 ])
-def test_a_flipped_byte_stops_every_tool_with_one_line(trained_run, tmp_path, script, argv):
-    """In a real process: exit status 1, one `error: ...` line and no traceback on stderr, nothing printed or
-    written."""
+def test_a_flipped_exponent_bit_in_a_tensor_stops_every_tool_with_one_line(trained_run, tmp_path, script, argv):
+    """torch.load alone reads the damaged weight (about 1e36) without a word; in a real process each tool stops
+    with exit status 1, one `error: ...` line and no traceback on stderr, nothing printed or written."""
     run_dir, path, _ = damaged_copy(trained_run, tmp_path, "flipped bit")
+    assert largest_value(torch.load(path, weights_only=True)) > 1e30
     out = tmp_path / "out"
     result = run_script(["--ckpt_path", run_dir, *[str(out) if a == "OUT" else a for a in argv]],
                         launcher=(script,))
@@ -155,3 +180,40 @@ def test_a_full_disk_keeps_the_previous_checkpoint(data_dir, tmp_path, capsys, t
                                f"previous checkpoint is kept")
     assert path.read_bytes() == good
     assert not os.path.lexists(f"{path}.tmp")
+
+
+class NotAWeight:
+    """A custom class: a pickle that holds one is not weights-only."""
+
+
+MALFORMED_HF = {  # what is wrong -> (how to make it, the message)
+    "config.json is a JSON list": (lambda d: (d / "config.json").write_text("[2, 64]"), "holds a JSON list"),
+    "truncated model.safetensors": (lambda d: (d / "model.safetensors").write_bytes(
+        (d / "model.safetensors").read_bytes()[:1000]), "is not a readable safetensors file"),
+    "empty model.safetensors": (lambda d: (d / "model.safetensors").write_bytes(b""),
+                                "is not a readable safetensors file"),
+    "text model.safetensors": (lambda d: (d / "model.safetensors").write_text("weights, as text\n"),
+                               "is not a readable safetensors file"),
+    "pytorch_model.bin not weights-only": (lambda d: ((d / "model.safetensors").unlink(), torch.save(
+        {"layers.final_out.weight": NotAWeight()}, d / "pytorch_model.bin")),
+        "pytorch_model.bin is not a weights-only PyTorch file (it holds a Python object"),
+}
+
+
+@pytest.mark.parametrize("fault", MALFORMED_HF)
+def test_a_malformed_hugging_face_directory_is_one_line_in_every_tool(tmp_path, capsys, fault):
+    """load_model raises a RunError naming the file; export.py, visualize.py and sample.py print one `error: ...`
+    line (no traceback), exit with status 1 and write nothing."""
+    _, paths = fixture_checkpoints(tmp_path)
+    hf = paths[-1]
+    make, message = MALFORMED_HF[fault]
+    make(hf)
+    with pytest.raises(RunError, match=re.escape(message)):
+        load_model(str(hf))
+    out = tmp_path / "out"
+    for main, argv in ((export.main, ["--out_dir", out]), (visualize.main, ["--prompt", "Lily", "--out_dir", out]),
+                       (sample.main, ["--device", "cpu"])):
+        assert main([str(a) for a in ["--ckpt_path", hf, *argv]]) == 1
+        printed, err = capsys.readouterr()
+        assert printed == "" and not out.exists()
+        assert_one_line_error(err, str(hf), message)

@@ -16,7 +16,8 @@ import sample
 import train
 from checkpoints import CHECKPOINT_FILE, load_model
 from tokenizer import Tokenizer
-from toy_runs import MODELS, REPO, VOCAB, args_for, reference_checkpoint, the_run_dir
+from toy_runs import (MODELS, REPO, TRANSFORMER, VOCAB, args_for, assert_one_line_error, reference_checkpoint,
+                      the_run_dir)
 
 PROMPTS = ["Once upon a time, there was a", "Tom liked to"]
 
@@ -121,8 +122,7 @@ def test_errors_end_the_process_with_one_line(tmp_path):
                                 (["--ckpt_path", tmp_path, "--top_p", 1.5], 2, "--top_p must be in (0, 1]")]:
         result = run_script(*argv)
         assert result.returncode == code and result.stdout == "", result.stderr
-        assert message in result.stderr.strip().splitlines()[-1]
-    assert result.stderr.startswith("usage: ")
+        assert_one_line_error(result.stderr, message)
 
 
 def test_errors(run_dirs, tmp_path, capsys):
@@ -155,3 +155,37 @@ def test_the_loader_gives_the_checkpoint_s_model(run_dirs):
     model, ckpt = load_model(run_dirs["paper-ra-symbolic"])
     saved = torch.load(os.path.join(run_dirs["paper-ra-symbolic"], CHECKPOINT_FILE), weights_only=True)
     assert not model.training and ckpt["config"]["arch"] == "paper" and model.config == R.config_from_checkpoint(saved)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--temperature", "nan", "--temperature must be 0 (greedy) or positive (got nan)"),
+    ("--temperature", "inf", "--temperature must be 0 (greedy) or positive (got inf)"),
+    ("--temperature", "-1", "--temperature must be 0 (greedy) or positive (got -1.0)"),
+    ("--top_k", "0", "--top_k must be at least 1 (got 0)"),
+    ("--top_p", "nan", "--top_p must be in (0, 1] (got nan)"),
+    ("--top_p", "0", "--top_p must be in (0, 1] (got 0.0)"),
+    ("--num_samples", "0", "--num_samples must be at least 1 (got 0)"),
+    ("--max_new_tokens", "0", "--max_new_tokens must be at least 1 (got 0)"),
+])
+def test_a_sampling_flag_out_of_range_such_as_temperature_nan_is_one_line(flag, value, message, capsys):
+    """sample.py refuses it before anything is loaded (--temperature nan used to emit one token forever); train.py's
+    sampling flags go through the same check (sample.sampling_flag_problems)."""
+    with pytest.raises(SystemExit) as exit:
+        sample.main(["--ckpt_path", "nowhere", flag, value])
+    assert exit.value.code == 2
+    assert_one_line_error(capsys.readouterr().err, message)
+    if flag in ("--temperature", "--top_k"):
+        with pytest.raises(SystemExit) as exit:
+            train.parse_args([*TRANSFORMER, "--n_layers", "1", "--d_model", "32", flag, value])
+        assert exit.value.code == 2
+        assert_one_line_error(capsys.readouterr().err, message)
+
+
+def test_a_prompt_with_a_byte_that_is_not_utf8_is_used_with_the_byte_replaced(run_dirs, capsys):
+    """`--prompt "$(printf 'ab\\xffcd')"`: Python gives the byte 0xff as a lone surrogate (os.fsdecode, as for
+    argv), which SentencePiece refused with a traceback; it becomes U+FFFD."""
+    argv = ["--ckpt_path", run_dirs["transformer"], "--max_new_tokens", 3, "--temperature", 0, "--device", "cpu"]
+    code, out, err = run_sample(capsys, *argv, "--prompt", os.fsdecode(b"ab\xffcd"))
+    assert code == 0, err
+    code, expected, _ = run_sample(capsys, *argv, "--prompt", "ab\ufffdcd")
+    assert samples_of(out) == samples_of(expected) and samples_of(out)[0].startswith("ab\ufffdcd")

@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -366,6 +367,29 @@ def test_download_http_error_is_one_line(server, tiny_tok, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_download_without_a_network_says_to_copy_tokenizer_model_at_once(tiny_tok, tmp_path, monkeypatch):
+    """Nothing listens on the port (a released one, on 127.0.0.1): one line at once, no retry (retries are for
+    interrupted transfers); for the tokenizer, where to copy it and its sha256."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    sleeps = []
+    monkeypatch.setattr(tsd.time, "sleep", sleeps.append)
+    write_shards(tmp_path / "src", [["a story."], ["another story."]])
+    tok = tmp_path / "tokenizer.model"
+    with pytest.raises(DataError) as e:
+        tsd.download(str(tmp_path / "data"), source=str(tmp_path / "src"), tokenizer_model=str(tok),
+                     tokenizer_url=dead + "tokenizer.model")
+    assert_one_line(e.value)
+    assert str(e.value).startswith(f"cannot connect to {dead[7:-1]} to download {dead}tokenizer.model (")
+    assert str(e.value).endswith(f"copy the Llama 2 tokenizer.model to {tok} (sha256 {tsd.TOKENIZER_SHA256})")
+    with pytest.raises(DataError, match="or give --source a local copy") as e:
+        tsd.download(str(tmp_path / "data2"), source=dead + "TinyStories_all_data.tar.gz", tokenizer_model=str(tok))
+    assert_one_line(e.value)
+    assert sleeps == [] and not tok.exists() and leftovers(tmp_path) == []
+
+
 def test_txt_source_splits_into_shards(tiny_tok, tmp_path):
     stories = make_stories(11, seed=2)
     text = "\n<|endoftext|>\n".join(stories) + "\n<|endoftext|>\n  \n<|endoftext|>"  # an empty story is dropped
@@ -422,6 +446,14 @@ def test_train_vocab_keep_text(tmp_path):
     tsd.train_vocab(320, str(tmp_path), num_shards=1, keep_text=True)
     assert (tmp_path / "tok320.model").exists()
     assert (tmp_path / "tiny.txt").read_text(encoding="utf-8").startswith(make_stories(1, seed=4)[0].strip())
+
+
+def test_train_vocab_prints_one_summary_line_not_the_sentencepiece_log(tmp_path, capfd):
+    write_shards(tmp_path / SHARD_DIR, [make_stories(150, seed=5)])
+    tsd.train_vocab(320, str(tmp_path), num_shards=1)
+    out, err = capfd.readouterr()
+    assert out.splitlines()[-1] == f"Trained {tmp_path / 'tok320'}.model (320 pieces)"
+    assert all(" shards" in line for line in err.splitlines()), err[:2000]  # at most the progress bar
 
 
 def test_train_vocab_error_is_one_line(tmp_path):

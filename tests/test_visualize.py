@@ -1,15 +1,18 @@
 """visualize.py on a real checkpoint trained here (train.py, the toy corpus and tokenizer of toy_runs.py): every
 panel of every layer, index.html, the crop of long prompts, and one-line errors."""
 
+import os
 import re
+import shutil
 
 import pytest
 import torch
 
+import export
 import train
 import visualize
 from checkpoints import CHECKPOINT_FILE
-from toy_runs import args_for, dat, the_run_dir
+from toy_runs import VOCAB, args_for, assert_one_line_error, dat, the_run_dir
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -75,3 +78,35 @@ def test_bad_input_gives_one_line(trained_dat, tmp_path, capsys, change, message
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "viz").exists()
+
+
+def test_cuda_on_a_cpu_only_torch_is_one_line_not_a_traceback(trained_dat, tmp_path, capsys, monkeypatch):
+    """The device check that every tool shares (runtime.setup_device), before the model is loaded."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "viz"
+    code = visualize.main(["--ckpt_path", trained_dat, "--prompt", "Lily", "--out_dir", str(out), "--device", "cuda"])
+    assert code == 2
+    assert_one_line_error(capsys.readouterr().err, "--device cuda: CUDA is not available")
+    assert not out.exists()
+
+
+def test_a_prompt_with_a_byte_that_is_not_utf8_is_drawn_with_the_byte_replaced(trained_dat, tmp_path, capsys):
+    """`--prompt "$(printf 'ab\\xffcd')"` reaches Python as a lone surrogate (os.fsdecode), which SentencePiece and
+    the UTF-8 index.html refused with a traceback; it becomes U+FFFD."""
+    out = tmp_path / "viz"
+    prompt = os.fsdecode(b"Lily \xff went")
+    assert visualize.main(["--ckpt_path", trained_dat, "--prompt", prompt, "--out_dir", str(out)]) == 0
+    assert "Lily \ufffd went" in (out / "index.html").read_text(encoding="utf-8")
+
+
+def test_a_hugging_face_directory(trained_dat, data_dir, tmp_path, capsys):
+    """visualize.py takes every model source checkpoints.load_model reads: here export.py's directory, with the
+    tokenizer the run trained with."""
+    assert export.main(["--ckpt_path", trained_dat, "--out_dir", str(tmp_path / "hf")]) == 0
+    shutil.copy(os.path.join(data_dir, f"tok{VOCAB}.model"), tmp_path / "hf" / "tokenizer.model")
+    outputs = []
+    for path in (trained_dat, tmp_path / "hf"):
+        out = tmp_path / f"viz_{len(outputs)}"
+        assert visualize.main(["--ckpt_path", str(path), "--prompt", "Lily went", "--out_dir", str(out)]) == 0
+        outputs.append({p.name: p.read_bytes() for p in out.glob("*.png")})
+    assert len(outputs[0]) == 8 and outputs[0] == outputs[1]  # the same weights draw the same maps
