@@ -12,15 +12,15 @@ import pytest
 
 import report
 from sweep import ABLATION_ROWS, PAPER_ROWS
-from test_sweep import PAPER_LOGS, TABLE, make_toy_data, run_sweep
+from test_sweep import PAPER_LOGS, TABLE, run_sweep
 
 needs_logs = pytest.mark.skipif(not PAPER_LOGS.is_file(), reason=f"the authors' logs are not at {PAPER_LOGS}")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("report")
-    done = run_sweep(root / "runs", make_toy_data(root / "data"), 4, only="^d64_L4_transformer$")
+    done = run_sweep(root / "runs", data_dir, 4, only="^d64_L4_transformer$")
     assert done.returncode == 0, done.stdout + done.stderr
     return root / "runs"
 
