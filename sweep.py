@@ -11,11 +11,15 @@ $ python report.py --runs out/paper --paper_logs run_histories.csv --out_dir rep
 paper_ablations adds the ablation runs of the authors' logs: RCA instead of relational attention (d=64, L 4-6, 6/2
 and 4/4) and frozen symbols (d=64, L=5, 6/2, symmetric). Each run writes out_dir/<row>/ (train.py's run directory
 inside, plus train.log). Running the same command again skips the finished runs and resumes the others from their
-checkpoints (--init_from resume). Ctrl-C or SIGTERM sends SIGTERM to every running train.py, which writes a
-checkpoint and exits; a second Ctrl-C stops them at once. Flags after `--` go to every train.py.
+checkpoints (--init_from resume); a command whose settings differ from those a run of out_dir was trained with
+(other flags after `--`) is refused. Ctrl-C or SIGTERM sends SIGTERM to every running train.py, which writes a
+checkpoint and exits; a second Ctrl-C stops them at once; on Linux the runs get that SIGTERM too when sweep.py itself
+is killed (kill -9 included). Flags after `--` go to every train.py (not those that each row or the sweep sets, nor
+their prefixes).
 """
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -25,12 +29,15 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, replace
 from datetime import datetime
 
+import train
 from checkpoints import CHECKPOINT_FILE
+from runs import recorded_config, setting_differences
 from runtime import RunError, one_line_errors
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -170,14 +177,65 @@ def train_command(row, row_dir, resume, max_iters, gpus_per_run, extra, python="
 
 
 def check_extra(extra):
-    """Refuse pass-through flags that each row or the sweep sets."""
+    """Refuse pass-through flags that each row or the sweep sets, and any prefix of them (--max_it: an
+    argparse that expands prefixes would read it as --max_iters)."""
     for arg in extra:
-        name = arg[2:].split("=")[0] if arg.startswith("--") else None
-        if name in ROW_FLAGS:
-            raise SweepError(f"--{name} is set by each row of the grid: it cannot be passed to train.py")
-        if name in SWEEP_FLAGS:
-            raise SweepError(f"--{name} is set by sweep.py for each run (give sweep.py's own --max_iters or "
-                             f"--out_dir before the --)")
+        typed = arg[2:].split("=")[0] if arg.startswith("--") else ""
+        for name in sorted(ROW_FLAGS | SWEEP_FLAGS):
+            if typed and name.startswith(typed):
+                given = f"--{typed}" + ("" if typed == name else f" (a prefix of --{name})")
+                if name in ROW_FLAGS:
+                    raise SweepError(f"{given}: --{name} is set by each row of the grid: it cannot be passed to "
+                                     "train.py")
+                raise SweepError(f"{given}: --{name} is set by sweep.py for each run (give sweep.py's own "
+                                 "--max_iters or --out_dir before the --)")
+
+
+def train_flags(argv):
+    """train.py's flags (a Namespace, defaults filled in) for argv; SweepError where its parser refuses them."""
+    parser = train.build_parser()
+
+    def refuse(message):
+        raise SweepError(f"train.py refuses the flags after --: {message}")
+
+    parser.error = refuse
+    return parser.parse_args(argv)
+
+
+def check_run_dirs(args, rows, extra):
+    """Refuse to reuse out_dir/<row> when a run in it was trained with other settings (train.py's RUN_SETTINGS)
+    than this command gives: it would count as finished, or fail to resume. A run whose record cannot be read is
+    left to train.py, which names the damage when it resumes."""
+    clashes = []
+    for row in rows:
+        ours = vars(train_flags(row_flags(row, args.max_iters, args.gpus_per_run) + list(extra)))
+        for run_dir in run_dirs(os.path.join(args.out_dir, row.name)):
+            try:
+                recorded = recorded_config(os.path.join(run_dir, CHECKPOINT_FILE))
+            except RunError:
+                continue
+            if ours["dtype"] == "auto":  # resolved on the run's device: any recorded dtype is what auto gave
+                recorded = dict(recorded, dtype="auto")
+            differ = setting_differences(recorded, ours)
+            if differ:
+                clashes.append(f"{row.name} ({', '.join(differ)})")
+                break
+    if clashes:
+        raise SweepError(f"--out_dir {args.out_dir}: {len(clashes)} of its runs were trained with other settings than "
+                         f"this command's: {'; '.join(clashes)}. Give the flags they were trained with after --, or "
+                         "another --out_dir")
+
+
+def writable_dir(path, flag="--out_dir"):
+    """Create the directory `path` if needed and check that files can be written in it; SweepError naming `flag`
+    otherwise (a file, a read-only place)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SweepError(f"{flag} {path}: not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise SweepError(f"{flag} {path}: cannot write there ({e.strerror})") from None
 
 
 def select_rows(grid, only):
@@ -231,18 +289,20 @@ def evaluated_steps(row_dir):
     for d in run_dirs(row_dir):
         path = os.path.join(d, "metrics.jsonl")
         if os.path.isfile(path):
-            with open(path) as f:
+            with open(path, errors="replace") as f:
                 last = max([last] + [record["iter"] for record in map(parse_record, f)
-                                     if record and "val/loss" in record])
+                                     if record and "val/loss" in record and isinstance(record.get("iter"), int)])
     return last
 
 
 def parse_record(line):
-    """One metrics.jsonl line (None for a line cut short by a crash)."""
+    """One metrics.jsonl line as a dict (None for a line cut short by a crash, or any other line that is not a
+    record)."""
     try:
-        return json.loads(line)
+        record = json.loads(line)
     except json.JSONDecodeError:
         return None
+    return record if isinstance(record, dict) else None
 
 
 class Progress:
@@ -259,16 +319,16 @@ class Progress:
             if not found:
                 return
             self.path = max(found, key=os.path.getmtime)
-        with open(self.path) as f:
+        with open(self.path, "rb") as f:
             f.seek(self.offset)
             for line in f:
-                if not line.endswith("\n"):
+                if not line.endswith(b"\n"):
                     break  # a line being written: read it next time
-                self.offset += len(line.encode())
-                record = parse_record(line)
+                self.offset += len(line)
+                record = parse_record(line.decode(errors="replace"))
                 if record is None:
                     continue
-                self.step = record["iter"]
+                self.step = record.get("iter", self.step)
                 if "val/loss" in record:
                     self.val_loss = record["val/loss"]
                 if "step_ms" in record:
@@ -304,6 +364,7 @@ class Sweep:
         self.signals = []  # received by sweep.py
         self.tty = sys.stdout.isatty()
         self.drawn_lines, self.last_table = 0, -math.inf
+        self.die_with_sweep = parent_death_signal()
         for job in self.jobs:
             if evaluated_steps(self.row_dir(job.row)) >= args.max_iters:
                 job.state, job.note, job.progress = "done", "finished earlier", Progress(self.row_dir(job.row))
@@ -328,8 +389,10 @@ class Sweep:
                         "every run writes a checkpoint and exits (a second Ctrl-C: at once)"
                     self.event(f"{signal.Signals(self.signals[-1]).name}: {what}; rerun the command to resume")
                 for i in range(len(self.slots)):
-                    if i not in running and queue and not self.signals:
-                        running[i] = self.start(queue.popleft(), self.slots[i])
+                    while i not in running and queue and not self.signals:
+                        job = self.start(queue.popleft(), self.slots[i])
+                        if job:
+                            running[i] = job
                 for i, job in list(running.items()):
                     if job.proc.poll() is not None:
                         self.finish(job)
@@ -350,20 +413,28 @@ class Sweep:
         return 1 if any(j.state == "failed" for j in self.jobs) else 0
 
     def start(self, job, slot):
+        """Launch the job's train.py on `slot`; the job is failed instead when its row directory cannot be
+        written."""
         row_dir = self.row_dir(job.row)
-        os.makedirs(row_dir, exist_ok=True)
         resume = has_checkpoint(row_dir)
         argv = train_command(job.row, row_dir, resume, self.args.max_iters, self.args.gpus_per_run, self.extra,
                              python=sys.executable)
         env = dict(os.environ)
         if slot is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot
-        with open(os.path.join(row_dir, "train.log"), "a") as log:
-            log.write(f"\n=== {datetime.now():%Y-%m-%d %H:%M:%S} sweep.py"
-                      f"{'' if slot is None else ' CUDA_VISIBLE_DEVICES=' + slot}: {shlex.join(argv)}\n")
-            log.flush()
-            # a session of its own: a Ctrl-C on the terminal reaches sweep.py only, which forwards one SIGTERM
-            job.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            os.makedirs(row_dir, exist_ok=True)
+            with open(os.path.join(row_dir, "train.log"), "a") as log:
+                log.write(f"\n=== {datetime.now():%Y-%m-%d %H:%M:%S} sweep.py"
+                          f"{'' if slot is None else ' CUDA_VISIBLE_DEVICES=' + slot}: {shlex.join(argv)}\n")
+                log.flush()
+                # a session of its own: a Ctrl-C on the terminal reaches sweep.py only, which forwards one SIGTERM
+                job.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True, preexec_fn=self.die_with_sweep)
+        except OSError as e:
+            job.state, job.note = "failed", f"cannot write {row_dir}: {e.strerror}"
+            self.event(f"failed {job.row.name} ({job.note})")
+            return None
         job.state, job.slot, job.progress = "running", slot, Progress(row_dir)
         self.event(f"start {job.row.name}" + ("" if slot is None else f" on GPU {slot}") +
                    (" (resuming)" if resume else "") + f": log in {os.path.join(row_dir, 'train.log')}")
@@ -424,6 +495,26 @@ class Sweep:
         return lines
 
 
+PR_SET_PDEATHSIG = 1  # prctl option of <linux/prctl.h>
+
+
+def parent_death_signal():
+    """A preexec_fn for train.py: on Linux the kernel sends the child SIGTERM (train.py writes a checkpoint and
+    exits) when sweep.py ends, kill -9 included. None elsewhere: there the runs outlive a killed sweep (their run
+    lock keeps a rerun from writing into them)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+    sweep_pid = os.getpid()
+
+    def set_signal():
+        prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM))
+        if os.getppid() != sweep_pid:  # sweep.py died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_signal
+
+
 def duration(seconds):
     if seconds is None:
         return ""
@@ -461,6 +552,16 @@ exit $code
 """
 
 
+def sbatch_escape(path):
+    """path inside a double-quoted argument of an #SBATCH line: sbatch reads a backslash as an escape (so `"` is
+    written `\\"`) and expands %A, %a, ... in file names (so `%` is written `%%`). SweepError for what such a line
+    cannot name: a line break, or a backslash (in a file name it turns sbatch's expansion off)."""
+    if "\\" in path or "\n" in path:
+        raise SweepError(f"--out_dir {path!r}: an sbatch --output path cannot hold a backslash or a line break; "
+                         "choose another --out_dir")
+    return path.replace("%", "%%").replace('"', '\\"')
+
+
 def slurm_script(args, rows, extra, path):
     """One sbatch job-array script: task i trains rows[i] in out_dir/<row>, from its checkpoint if there is one. A
     requeued task (preemption, or its own requeue when the time limit is near) resumes."""
@@ -480,7 +581,7 @@ def slurm_script(args, rows, extra, path):
         "#SBATCH --requeue",
         "#SBATCH --open-mode=append",
         "#SBATCH --signal=B:USR1@300",
-        f"#SBATCH --output={out_dir}/slurm-%A_%a.log",
+        f'#SBATCH --output="{sbatch_escape(out_dir)}/slurm-%A_%a.log"',
         "",
         f"cd {shlex.quote(os.getcwd())}",
         'case "$SLURM_ARRAY_TASK_ID" in',
@@ -547,11 +648,15 @@ def main(argv=None):
     check_extra(extra)
     rows = select_rows(args.grid, args.only)
     slots = gpu_slots(args.gpus, args.gpus_per_run)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise SweepError(f"--out_dir {args.out_dir}: not a directory")
+    check_run_dirs(args, rows, extra)
     if args.slurm:
         path = os.path.join(args.out_dir, f"{args.grid}.sbatch")
-        os.makedirs(args.out_dir, exist_ok=True)
+        script = slurm_script(args, rows, extra, path)
+        writable_dir(args.out_dir)
         with open(path, "w") as f:
-            f.write(slurm_script(args, rows, extra, path))
+            f.write(script)
         print(f"wrote {path}: {len(rows)} array tasks; submit it with: sbatch {shlex.quote(path)}")
         return 0
     if args.dry_run:
@@ -562,6 +667,7 @@ def main(argv=None):
                                            args.gpus_per_run, extra)))
         print(f"# {len(todo)} of {len(rows)} runs to do", file=sys.stderr)
         return 0
+    writable_dir(args.out_dir)
     return Sweep(args, rows, slots, extra).run()
 
 

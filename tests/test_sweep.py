@@ -1,14 +1,15 @@
 """
 Tests of sweep.py: the grid against the paper's table (parameter counts of models built on the meta device, and the
-authors' logged counts when ../shared holds their logs), and real train.py runs queued over fake GPUs on the CPU: each
-run once, a rerun skips the finished ones, a SIGKILLed run and a SIGTERMed sweep resume, and a task of the Slurm
-script runs under bash. Tiny runs: a toy corpus, a 300-piece SentencePiece vocabulary, context 32.
+authors' logged counts when ../shared holds their logs), the flags it refuses (its own and their prefixes after `--`,
+an out_dir that is a file, run directories trained with other settings), and real train.py runs queued over fake
+GPUs on the CPU: each run once, a rerun skips the finished ones, a SIGKILLed run and a SIGTERMed sweep resume, a
+SIGKILLed sweep takes its train.py with it, and a task of the Slurm script runs under bash in a path with spaces.
+Tiny runs: the toy corpus of toy_runs.py, its 300-piece vocabulary, context 32.
 """
 
 import csv
 import json
 import os
-import random
 import re
 import shlex
 import signal
@@ -23,14 +24,13 @@ import torch
 import model as M
 import reference as R
 import sweep
-import tiny_stories_data as D
 import train
-from loader import SHARD_DIR
+from toy_runs import VOCAB
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_LOGS = REPO.parent / "shared" / "data" / "paper_logs" / "tiny_stories_run_histories.csv"
-VOCAB = 300
 TWO_ROWS = "^d64_L4_(transformer|dat4-4_symattn_asym)$"
+TRANSFORMER_ROW = "^d64_L4_transformer$"
 
 # the paper's table (README): d, L, model, symbols, relations, parameters, val loss, val perplexity
 TABLE = [
@@ -72,24 +72,6 @@ TABLE = [
 
 # -----------------------------------------------------------------------------
 # helpers
-
-def make_toy_data(root):
-    """Three JSON shards of templated stories (shard 0 = val), a 300-piece BPE vocabulary, uint16 shards."""
-    rng = random.Random(0)
-    names, animals, places = ["Lily", "Tom", "Max", "Emma"], ["cat", "dog", "bird"], ["park", "garden"]
-
-    def story():
-        n, a, p = rng.choice(names), rng.choice(animals), rng.choice(places)
-        return f"Once upon a time, there was a {a} named {n}. {n} liked to play in the {p}. The end."
-
-    shards = root / SHARD_DIR
-    shards.mkdir(parents=True)
-    for i in range(3):
-        (shards / f"data{i:02d}.json").write_text(json.dumps([{"story": story()} for _ in range(100)]))
-    D.train_vocab(VOCAB, str(root))
-    D.pretokenize(VOCAB, str(root), workers=1)
-    return str(root)
-
 
 def tiny_flags(data_dir):
     """train.py flags after `--`: a CPU run of a paper row at context 32 on the toy vocabulary."""
@@ -137,9 +119,19 @@ def train_pid(row_dir):
     return None
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_toy_data(tmp_path_factory.mktemp("toy_data"))
+def alive(pid):
+    """Whether the process runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def assert_one_line_error(capsys, *messages):
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for message in messages:
+        assert message in err, (message, err)
 
 
 # -----------------------------------------------------------------------------
@@ -227,15 +219,68 @@ def test_options_shape_the_commands(capsys):
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     assert sweep.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert_one_line_error(capsys, message)
+
+
+@pytest.mark.parametrize("extra, flag", [(["--max_it", "5"], "--max_iters"), (["--out_d", "X"], "--out_dir"),
+                                         (["--d_mod", "64"], "--d_model"), (["--max_it=5"], "--max_iters")])
+def test_abbreviations_of_flags_the_sweep_sets_are_refused_after_the_double_dash(capsys, tmp_path, extra, flag):
+    assert sweep.main(["paper", "--dry_run", "--out_dir", str(tmp_path), "--", *extra]) == 2
+    assert_one_line_error(capsys, f"a prefix of {flag}")
+
+
+def test_every_other_train_flag_passes_the_double_dash():
+    controlled = {f"--{name}" for name in sweep.ROW_FLAGS | sweep.SWEEP_FLAGS}
+    for action in train.build_parser()._actions:
+        for flag in set(action.option_strings) - controlled:
+            sweep.check_extra([flag, "1"])
+
+
+def test_train_flags_that_train_py_refuses_are_one_line(capsys, tmp_path):
+    assert sweep.main(["paper", "--dry_run", "--out_dir", str(tmp_path), "--", "--no_such_flag", "1"]) == 2
+    assert_one_line_error(capsys, "train.py refuses the flags after --", "--no_such_flag")
+
+
+@pytest.mark.parametrize("mode", [[], ["--slurm"], ["--dry_run"]])
+def test_an_out_dir_that_is_a_file_is_one_line_not_a_traceback(capsys, tmp_path, mode):
+    (tmp_path / "file").write_text("x")
+    assert sweep.main(["paper", "--only", TRANSFORMER_ROW, "--out_dir", str(tmp_path / "file"), *mode]) == 2
+    assert_one_line_error(capsys, f"--out_dir {tmp_path / 'file'}: not a directory")
+
+
+def test_a_rerun_with_other_train_flags_is_refused_instead_of_reported_finished(capsys, tmp_path):
+    # out/d64_L4_transformer holds a finished run of `sweep.py paper --max_iters 5 -- --vocab_size 512 --max_seq_len
+    # 64`; the same sweep without those flags must not count it as its own
+    row = sweep.PAPER_ROWS[0]
+    run_dir = tmp_path / "runs" / row.name / "run"
+    run_dir.mkdir(parents=True)
+    args, _ = train.parse_args(sweep.row_flags(row, 5, 1) + ["--vocab_size", "512", "--max_seq_len", "64"])
+    (run_dir / "config.json").write_text(json.dumps(dict(vars(args), dtype="float32")))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"iter": 5, "tokens": 5 * 256 * 64, "val/loss": 5.0}) + "\n")
+    argv = ["paper", "--only", TRANSFORMER_ROW, "--max_iters", "5", "--out_dir", str(tmp_path / "runs")]
+    for mode in ([], ["--dry_run"], ["--slurm"]):
+        assert sweep.main(argv + mode + ["--", "--vocab_size", "300"]) == 2
+        assert_one_line_error(capsys, "d64_L4_transformer (--vocab_size 512 (this command: 300), --max_seq_len 64 "
+                                      "(this command: 512))")
+    assert sweep.main(argv + ["--", "--vocab_size", "512", "--max_seq_len", "64"]) == 0
+    assert "1 of 1 runs finished earlier; 0 to run" in capsys.readouterr().out
+
+
+def test_the_slurm_log_path_with_spaces_is_one_sbatch_argument(tmp_path):
+    out = tmp_path / "sweep runs" / "100%"
+    assert sweep.main(["paper", "--slurm", "--only", TRANSFORMER_ROW, "--out_dir", str(out)]) == 0
+    (line,) = [x for x in (out / "paper.sbatch").read_text().splitlines() if x.startswith("#SBATCH --output")]
+    # sbatch splits an #SBATCH line at spaces outside quotes, a backslash escaping the next character (as a POSIX
+    # shell does inside double quotes for those that sweep.py escapes), and reads %% in a file name as %
+    (argument,) = shlex.split(line[len("#SBATCH"):])
+    assert argument == f"--output={str(out).replace('%', '%%')}/slurm-%A_%a.log"
 
 
 # -----------------------------------------------------------------------------
 # real runs
 
 def test_queue_runs_each_once_resumes_killed_and_stopped_runs_and_skips_finished(tmp_path, data_dir):
-    out = tmp_path / "runs"
+    out = tmp_path / "sweep runs"
     rows = [out / "d64_L4_transformer", out / "d64_L4_dat4-4_symattn_asym"]
 
     # two fake GPUs, both runs at once; mid-run, SIGKILL one train.py, then SIGTERM the sweep, which forwards it
@@ -290,3 +335,29 @@ def test_queue_runs_each_once_resumes_killed_and_stopped_runs_and_skips_finished
     assert task.returncode == 0, task.stdout + task.stderr
     log = (rows[1] / "train.log").read_text()
     assert log.count("resuming from") == 2 and re.findall(r"resumed at step (\d+)", log)[-1] == "30"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_sigkill_of_the_sweep_stops_its_train_py_which_checkpoints(tmp_path, data_dir):
+    row = tmp_path / "runs" / "d64_L4_transformer"
+    proc = subprocess.Popen(sweep_argv(tmp_path / "runs", data_dir, 100_000, only=TRANSFORMER_ROW), cwd=REPO,
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid = None
+    try:
+        deadline = time.monotonic() + 120
+        while last_eval(row) < 0:  # step 0 evaluated: train.py is in its training loop
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        pid = train_pid(row)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(pid), "train.py outlived the sweep"
+    finally:
+        if pid and alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    assert re.search(r"stopped at step \d+: continue with --init_from resume", (row / "train.log").read_text())
