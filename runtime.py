@@ -178,10 +178,12 @@ def progress_bar(total, desc, enabled=True, **kwargs):
                 leave=False, dynamic_ncols=True, **kwargs)
 
 
-def print_above_bars(*parts):
-    """print(..., flush=True) on stdout, clearing and redrawing the progress bars on the terminal around it."""
-    with tqdm.external_write_mode(file=sys.stdout):
-        print(*parts, flush=True)
+def print_above_bars(*parts, file=None):
+    """print(..., flush=True) on stdout (or `file`), clearing and redrawing the progress bars on the terminal around
+    it."""
+    file = file or sys.stdout
+    with tqdm.external_write_mode(file=file):
+        print(*parts, file=file, flush=True)
 
 
 def umask():

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 import torch
 
 from checkpoints import PATH_HELP, find_tokenizer, load_model
+from runs import list_runs
 from runtime import HelpFormatter, RunError, one_line_errors, resolve_dtype, setup_device, synchronize
 from tokenizer import DataError
 
@@ -72,6 +73,10 @@ def read_prompts(args):
 
 
 def sample(args):
+    if runs := list_runs(args.ckpt_path):  # a folder of runs, such as out/
+        print(f"{args.ckpt_path} holds {len(runs) - 1} runs: sample one with --ckpt_path {args.ckpt_path}/NAME")
+        print("\n".join(runs))
+        return 2
     device, _, _ = setup_device(args)
     dtype = resolve_dtype(args, device)
     model, ckpt = load_model(args.ckpt_path)

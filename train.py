@@ -5,17 +5,22 @@ A 4-layer DAT (4 self-attention + 4 relational heads), on whatever device is the
 $ python train.py --sa 4 --ra 4 --symbol_type symbolic_attention --pos_enc_type RoPE \\
       --ra_type relational_attention --n_layers 4 --d_model 64
 
-The Transformer baseline: --ra 0 (symbol and relational-attention types are then ignored):
-$ python train.py --sa 8 --ra 0 --symbol_type NA --pos_enc_type RoPE --ra_type NA --n_layers 4 --d_model 64
+The Transformer baseline: --ra 0 (no symbol or relational-attention type):
+$ python train.py --sa 8 --ra 0 --pos_enc_type RoPE --n_layers 4 --d_model 64
 
 DDP on the 4 GPUs of one node (gradient_accumulation_steps is divided by the number of processes):
 $ torchrun --standalone --nproc_per_node 4 train.py --sa 4 --ra 4 ... --gradient_accumulation_steps 4
 
 Continue a run: the same command plus --init_from resume (it finds the run under out/ with these settings; or
---ckpt_path DIR_OR_FILE). Each run writes its settings, checkpoint and metrics to out/<run name>/ (runs.py); data
-come from tiny_stories_data.py.
+--ckpt_path DIR_OR_FILE, or --run_name NAME). Each run writes its settings, checkpoint and metrics to out/<run name>/
+(runs.py); data come from tiny_stories_data.py.
+
+Evaluate a checkpoint with the settings of its run (--eval_iters 0: every window of the validation split once); the
+result is appended to the run's metrics.jsonl:
+$ python train.py --eval_only 1 --ckpt_path out/RUN --eval_iters 0
 """
 
+import argparse
 import math
 import os
 import signal
@@ -31,13 +36,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
 import reference
-from checkpoints import CHECKPOINT_FILE, load_model, write_checkpoint
-from loader import BatchLoader, LoaderSettings, check_token_ids, eval_batches
-from runs import (RUN_SETTINGS, RESUME_ADVICE, Logger, changed_settings, check_checkpoint_model, find_run,
-                  new_run_dir, run_lock, write_config)
-from runtime import (Parser, RunError, all_gather, one_line_errors, resolve_dtype, rng_state, set_rng_state,
-                     setup_device, stop_signals)
-from tokenizer import DataError, Tokenizer, tokenizer_path
+from checkpoints import CHECKPOINT_FILE, checkpoint_file, load_model, write_checkpoint
+from evaluation import describe_losses, evaluate, evaluate_only
+from loader import BatchLoader, LoaderSettings, check_tokenizer
+from runs import (EVAL_SETTINGS, RUN_SETTINGS, RESUME_ADVICE, Logger, changed_settings, check_checkpoint_model,
+                  check_new_run, check_run_name, find_run, named_run, new_run_dir, run_flags, run_lock, write_config)
+from runtime import (Parser, RunError, all_gather, one_line_errors, print_above_bars, progress_bar, resolve_dtype,
+                     rng_state, set_rng_state, setup_device, stop_signals)
+from tokenizer import DataError
 
 PROMPTS = ["Once upon a time,", "There once was a girl named ", "On a rainy day,", "Emma went to", "", "", ""]
 
@@ -48,22 +54,24 @@ PROMPTS = ["Once upon a time,", "There once was a girl named ", "On a rainy day,
 def build_parser():
     p = Parser(
         description=__doc__,
-        usage="%(prog)s --sa N --ra N --symbol_type TYPE --pos_enc_type TYPE --ra_type TYPE --n_layers N "
-              "--d_model N [options]")
+        usage="%(prog)s --sa N --ra N [--symbol_type TYPE --ra_type TYPE] --pos_enc_type TYPE --n_layers N "
+              "--d_model N [options]\n       %(prog)s --eval_only 1 --ckpt_path RUN [--eval_iters N] [options]")
     switch = dict(type=int, choices=(0, 1))
 
-    g = p.add_argument_group("model (--ra 0 builds the Transformer baseline with --sa heads)")
-    g.add_argument("--sa", required=True, type=int, help="number of self-attention heads")
-    g.add_argument("--ra", required=True, type=int, help="number of relational heads (0: Transformer baseline)")
-    g.add_argument("--symbol_type", required=True, choices=("position_relative", "symbolic_attention", "NA"),
+    g = p.add_argument_group("model (required, but for --eval_only 1 --ckpt_path; --ra 0 builds the Transformer "
+                             "baseline with --sa heads)")
+    g.add_argument("--sa", type=int, help="number of self-attention heads")
+    g.add_argument("--ra", type=int, help="number of relational heads (0: Transformer baseline)")
+    g.add_argument("--symbol_type", choices=("position_relative", "symbolic_attention", "NA"),
                    help="symbols of the relational heads (symbolic attention: max_seq_len symbols, 4 heads; "
-                        "position-relative: offsets up to max_seq_len); NA only with --ra 0")
-    g.add_argument("--pos_enc_type", required=True, choices=("RoPE", "pos_emb"),
+                        "position-relative: offsets up to max_seq_len); required with --ra > 0, NA with --ra 0")
+    g.add_argument("--pos_enc_type", choices=("RoPE", "pos_emb"),
                    help="rotary embeddings on every attention-selection query/key, or learned absolute positions")
-    g.add_argument("--ra_type", required=True, choices=("relational_attention", "rca", "disrca", "NA"),
-                   help="relational attention, relational cross-attention or disentangled RCA; NA only with --ra 0")
-    g.add_argument("--n_layers", required=True, type=int, help="number of blocks")
-    g.add_argument("--d_model", required=True, type=int, help="model width (divisible by sa + ra)")
+    g.add_argument("--ra_type", choices=("relational_attention", "rca", "disrca", "NA"),
+                   help="relational attention, relational cross-attention or disentangled RCA; required with "
+                        "--ra > 0, NA with --ra 0")
+    g.add_argument("--n_layers", type=int, help="number of blocks")
+    g.add_argument("--d_model", type=int, help="model width (divisible by sa + ra)")
     g.add_argument("--activation", default="swiglu", choices=M.ACTIVATION_CHOICES, help="feed-forward activation")
     g.add_argument("--dropout_rate", default=0.1, type=float, help="dropout rate (may differ when resuming)")
     g.add_argument("--dff", default=None, type=int,
@@ -102,9 +110,13 @@ def build_parser():
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval_interval", default=2_000, type=int,
                    help="evaluate every this many steps (and at step 0 and the last step)")
-    g.add_argument("--eval_iters", default=100, type=int, help="batches of each split per evaluation (fixed windows)")
+    g.add_argument("--eval_iters", default=100, type=int,
+                   help="batches of each split per evaluation (fixed windows); with --eval_only 1, 0: every "
+                        "non-overlapping window of the validation split once (default with --ckpt_path: the run's)")
     g.add_argument("--eval_only", default=0, **switch,
-                   help="1: evaluate the fresh model (or, with --init_from resume, the checkpoint), print, exit")
+                   help="1: evaluate, print the losses and exit: the checkpoint of --ckpt_path or --run_name (with "
+                        "its run's settings; appended to its metrics.jsonl), the run --init_from resume finds, or "
+                        "a fresh model")
     g.add_argument("--always_save_checkpoint", default=0, **switch,
                    help=f"1: write {CHECKPOINT_FILE} at every evaluation; 0: only when the val loss improves")
     g.add_argument("--init_from", default="scratch", choices=("scratch", "resume"),
@@ -112,8 +124,13 @@ def build_parser():
                         "(README: Resuming)")
     g.add_argument("--ckpt_path", default=None,
                    help="checkpoint file or run directory that --init_from resume continues (its settings must "
-                        "equal the flags too; default: the one matching run under out_dir)")
+                        "equal the flags too; default: the one matching run under out_dir) or --eval_only 1 "
+                        "evaluates")
     g.add_argument("--out_dir", default="out", help="runs are written to out_dir/<run name>/")
+    g.add_argument("--run_name", default=None,
+                   help="the run directory's name (letters, digits and -_.=,; default: the model's flags and the "
+                        "time, e.g. dat-sa4-ra4-d64-L4-relattn-symattn-rope-20261206-182010); an existing run is "
+                        "only continued, with --init_from resume")
 
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", default="data", help="directory of tiny_stories_data.py's output")
@@ -143,15 +160,30 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """(flags, model config). Contradictory flags stop here with `error: ...` and exit code 2."""
+    """(flags, model config). Contradictory flags stop here with `error: ...` and exit code 2. With --eval_only 1
+    and a named run (--ckpt_path or --run_name), the settings the command does not give are the run's."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        if args.run_name is not None:
+            check_run_name(args.run_name)
+        if args.run_name and args.ckpt_path:
+            raise ValueError("--run_name and --ckpt_path both name a run: give one")
+    except ValueError as e:
+        parser.error(str(e))
+    if args.eval_only and named_run(args):
+        given = given_flags(argv)
+        recorded = run_flags(checkpoint_file(named_run(args)))
+        for name in EVAL_SETTINGS:
+            if name not in given and name in recorded:
+                setattr(args, name, recorded[name])
+    check_required(parser, args)
     positive = ["n_layers", "d_model", "max_seq_len", "batch_size", "gradient_accumulation_steps", "eval_interval",
-                "eval_iters", "log_interval"]
+                "log_interval"]
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive (got {getattr(args, name)})")
-    for name in ("sa", "ra", "max_iters", "warmup_iters", "vocab_size", "sample_tokens"):
+    for name in ("sa", "ra", "max_iters", "warmup_iters", "vocab_size", "sample_tokens", "eval_iters"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must not be negative (got {getattr(args, name)})")
     if args.n_epochs == 0 or args.n_epochs < -1:
@@ -166,6 +198,29 @@ def parse_args(argv=None):
     except ValueError as e:
         parser.error(str(e))
     return args, config
+
+
+def given_flags(argv):
+    """The flags (their dests) that the command line sets."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def check_required(parser, args):
+    """The model flags a command must give; --symbol_type and --ra_type only with --ra > 0 (NA with --ra 0)."""
+    missing = [f"--{name}" for name in ("sa", "ra", "pos_enc_type", "n_layers", "d_model")
+               if getattr(args, name) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)} (or evaluate a run's checkpoint "
+                     f"with --eval_only 1 --ckpt_path RUN)")
+    for name, choices in (("symbol_type", "symbolic_attention or position_relative"),
+                          ("ra_type", "relational_attention, rca or disrca")):
+        if getattr(args, name) is None:
+            if args.ra > 0:
+                parser.error(f"--ra {args.ra} needs --{name} {choices}")
+            setattr(args, name, "NA")
 
 
 def check_ranges(args):
@@ -184,6 +239,8 @@ def check_ranges(args):
         raise ValueError(f"--temperature must be 0 (greedy) or positive (got {args.temperature})")
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top_k must be at least 1 (got {args.top_k})")
+    if args.eval_iters == 0 and not args.eval_only:
+        raise ValueError("--eval_iters 0 (the whole validation split) is for --eval_only 1")
 
 
 # -----------------------------------------------------------------------------
@@ -241,36 +298,6 @@ def training_steps(args, train_tokens, tokens_per_step):
 # -----------------------------------------------------------------------------
 # evaluation and samples
 
-def perplexity(loss):
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return math.inf
-
-
-@torch.no_grad()
-def evaluate(model, args, device, autocast, rank, world_size):
-    """Mean loss over eval_iters fixed batches of each split (the same windows in every run, shared out over the
-    DDP ranks), and perplexity = exp(mean loss). Eval mode: no dropout, no RNG drawn."""
-    model.eval()
-    out = {}
-    for split in ("train", "val"):
-        total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of batch losses, number of batches
-        settings = LoaderSettings(args.batch_size, args.max_seq_len, vocab_size=args.vocab_size,
-                                  data_dir=args.data_dir, device=device, rank=rank, world_size=world_size)
-        for x, y in eval_batches(split, settings, args.eval_iters):
-            with autocast:
-                _, loss = model(x, y, return_logits=False)
-            total[0] += loss.double()
-            total[1] += 1
-        if world_size > 1:
-            dist.all_reduce(total)
-        mean = (total[0] / total[1]).item()
-        out[f"{split}/loss"], out[f"{split}/perplexity"] = mean, perplexity(mean)
-    model.train()
-    return out
-
-
 def generate_samples(model, tokenizer, args, device):
     """The reference's prompts (three empty ones: BOS only), each continued by sample_tokens tokens (in float32,
     eval mode)."""
@@ -293,13 +320,17 @@ def main(argv=None):
 
 
 def train(args, config, held):
-    """Set up (device, checkpoint, model, data, optimizer), then evaluate only, or train and sample. The run
-    directory's lock joins the ExitStack `held`."""
+    """Set up (device, checkpoint, model, data, optimizer), then train and sample, or (--eval_only 1) evaluate. The
+    run directory's lock joins the ExitStack `held`."""
     kind, model_args = reference.reference_args(config)  # what checkpoints record, in the authors' names
     device, rank, world_size = setup_device(args)
     log = Logger(master=rank == 0)
     dtype = resolve_dtype(args, device)
     log.print(f"device {device}, dtype {dtype}")
+    if args.eval_only:
+        return evaluate_only(args, config, device, dtype, rank, world_size, log)
+    if args.init_from == "scratch":
+        check_new_run(args)
     ckpt = ckpt_path = None
     if args.init_from == "resume":
         ckpt_path, recorded = find_run(args, dtype)
@@ -308,7 +339,7 @@ def train(args, config, held):
             log.print(f"changed since the run's last leg: {', '.join(changed)}")
         if unrecorded := [f"--{name}" for name in RUN_SETTINGS if name not in recorded]:
             log.print(f"note: the run does not record {', '.join(unrecorded)}: this command's values are used")
-        if log.master and not args.eval_only:
+        if log.master:
             held.enter_context(run_lock(os.path.dirname(ckpt_path)))
     torch.manual_seed(args.seed + rank)
     if ckpt_path is None:
@@ -320,25 +351,21 @@ def train(args, config, held):
         check_checkpoint_model(ckpt, config)
     raw_model.to(device).train()
     log.print(f"{kind} ({args.arch}): {raw_model.num_params():,} parameters")
-    tokenizer = Tokenizer(tokenizer_path(args.vocab_size, args.data_dir))
-    if tokenizer.n_words != config.vocab_size:
-        raise RunError(f"{tokenizer.model_path} has {tokenizer.n_words} tokens, the model {config.vocab_size}")
+    tokenizer = check_tokenizer(config.vocab_size, args.vocab_size, args.data_dir)
     loader = BatchLoader("train", LoaderSettings(args.batch_size, args.max_seq_len, vocab_size=args.vocab_size,
                                                  data_dir=args.data_dir, device=device, seed=args.seed, rank=rank,
                                                  world_size=world_size))
-    check_token_ids(tokenizer, args.vocab_size, args.data_dir)
 
     trainer = Trainer(args, raw_model, kind, model_args, loader, device, dtype, rank, world_size, log)
     if ckpt is not None:
         trainer.restore(ckpt)
         ckpt = None  # free the memory
-    if args.eval_only:
-        trainer.evaluate()
-        trainer.finish()
-        return 0
-
     total_steps, bound = training_steps(args, loader.n_tokens, trainer.tokens_per_step)
     log.print(f"training for {total_steps:,} steps ({bound})")
+    if args.use_cosine_sched and 0 < total_steps <= args.warmup_iters and log.master:
+        print(f"warning: --warmup_iters {args.warmup_iters} >= the {total_steps:,} training steps: the learning rate "
+              f"is still warming up at the last step ({get_lr(total_steps - 1, args, total_steps):.2e}, not "
+              f"--learning_rate {args.learning_rate:g}); lower --warmup_iters", file=sys.stderr, flush=True)
     run_dir = None
     if log.master:
         run_dir = os.path.dirname(ckpt_path) if ckpt_path else new_run_dir(args)
@@ -441,7 +468,7 @@ class Trainer:
         self.config, self.wandb_run_id, self.ckpt_path = None, None, None
         self.loader_state = loader.state_dict()  # the loader before it draws the next step's first batch
         self.pending = deque()  # StepStatus of the steps launched on the device and not yet read, oldest first
-        self.timer = None
+        self.timer = self.bar = None
 
     def restore(self, ckpt):
         """Continue a checkpoint: step, best val loss, optimizer, and (ours) data position, RNG, W&B run."""
@@ -463,11 +490,12 @@ class Trainer:
                            "batches and dropout start afresh from --seed")
         self.log.print(f"resumed at step {self.iter_num:,} (best val loss {self.best_val_loss:.4f})")
 
-    def evaluate(self):
-        losses = evaluate(self.eval_model, self.args, self.device, self.autocast, self.rank, self.world_size)
-        self.log.print(f"step {self.iter_num}: train loss {losses['train/loss']:.4f}, val loss "
-                       f"{losses['val/loss']:.4f}, train perplexity {losses['train/perplexity']:.2f}, "
-                       f"val perplexity {losses['val/perplexity']:.2f}")
+    def evaluate(self, received=()):
+        """The losses of an evaluation, printed; None when a stop signal ended it (nothing printed)."""
+        losses = evaluate(self.eval_model, self.args, self.device, self.autocast, self.rank, self.world_size,
+                          received, progress=self.log.master)
+        if losses is not None:
+            self.log.print(describe_losses(self.iter_num, losses, self.args.max_seq_len))
         return losses
 
     def save_checkpoint(self, why):
@@ -487,9 +515,10 @@ class Trainer:
 
     def run(self, total_steps, run_dir):
         """Evaluate (every eval_interval steps, at the first and at the last step) and train up to total_steps.
-        Returns 0; 128 + the signal after SIGINT/SIGTERM (a checkpoint is written first); 1 on a non-finite loss
-        (nothing is written). A checkpoint of step k holds the state before step k: resuming it replays k, k+1, ...
-        exactly as an uninterrupted run does.
+        Returns 0; 128 + the signal after SIGINT/SIGTERM (a checkpoint is written first; a signal during an
+        evaluation ends it within a batch, and it is not logged); 1 on a non-finite loss (nothing is written). A
+        checkpoint of step k holds the state before step k: resuming it replays k, k+1, ... (and the evaluation at
+        k) exactly as an uninterrupted run does.
 
         The host never waits for the step it has just launched: it reads the status of the step before (loss,
         stop signal) while the device runs this one, and waits for every launched step only before an evaluation
@@ -498,7 +527,8 @@ class Trainer:
         self.ckpt_path = os.path.join(run_dir, CHECKPOINT_FILE) if run_dir else None
         self.timer = IntervalTimer(self.iter_num)
         x, y = self.loader.next_batch()
-        with stop_signals() as received:
+        with stop_signals() as received, progress_bar(total_steps, "training", enabled=self.log.master,
+                                                      initial=self.iter_num, unit="step") as self.bar:
             while True:
                 evaluating = self.iter_num % self.args.eval_interval == 0 or self.iter_num == total_steps
                 done = self.iter_num >= total_steps
@@ -507,7 +537,9 @@ class Trainer:
                     return exit_code
                 if evaluating:
                     self.timer.pause()
-                    losses = self.evaluate()
+                    losses = self.evaluate(received)
+                    if losses is None:
+                        return self.stop(received[0] if received else signal.SIGTERM)
                     if not all(math.isfinite(v) for v in losses.values()):
                         return self.stop_non_finite(f"the evaluation loss is {losses['val/loss']}", self.iter_num)
                     self.log_and_save(losses)
@@ -530,13 +562,16 @@ class Trainer:
                 return self.stop_non_finite(f"the training loss is {loss}", status.iter_num)
             if status.iter_num % self.args.log_interval == 0:
                 self.log_step(status.iter_num, loss, status.lr, *self.timer.lap(status.iter_num, status.finished))
+            self.bar.update()
             if signalled and stop is None:
                 stop, keep = (received[0] if received else signal.SIGTERM), 0
-        if stop is None:
-            return None
-        self.save_checkpoint(f"stopped by {signal.Signals(stop).name}")
+        return None if stop is None else self.stop(stop)
+
+    def stop(self, signum):
+        """After a stop signal: a checkpoint of the state before step iter_num, and the exit code 128 + signum."""
+        self.save_checkpoint(f"stopped by {signal.Signals(signum).name}")
         self.log.print(f"stopped at step {self.iter_num}: continue with --init_from resume")
-        return 128 + stop
+        return 128 + signum
 
     def log_and_save(self, losses):
         """Log an evaluation; write a checkpoint when the val loss improves (not at step 0), or always."""
@@ -598,8 +633,8 @@ class Trainer:
         if self.log.master:
             kept = (f"the last good checkpoint stays in {self.ckpt_path}" if os.path.exists(self.ckpt_path)
                     else "no checkpoint was written")
-            print(f"error: {what} at step {iter_num}: stopping ({kept}); try a lower --learning_rate",
-                  file=sys.stderr, flush=True)
+            print_above_bars(f"error: {what} at step {iter_num}: stopping ({kept}); try a lower --learning_rate",
+                             file=sys.stderr)
         return 1
 
     def finish(self):
