@@ -323,14 +323,14 @@ def train(args, config, held):
     """Set up (device, checkpoint, model, data, optimizer), then train and sample, or (--eval_only 1) evaluate. The
     run directory's lock joins the ExitStack `held`."""
     kind, model_args = reference.reference_args(config)  # what checkpoints record, in the authors' names
+    if args.init_from == "scratch" and not args.eval_only:
+        check_new_run(args)
     device, rank, world_size = setup_device(args)
     log = Logger(master=rank == 0)
     dtype = resolve_dtype(args, device)
     log.print(f"device {device}, dtype {dtype}")
     if args.eval_only:
         return evaluate_only(args, config, device, dtype, rank, world_size, log)
-    if args.init_from == "scratch":
-        check_new_run(args)
     ckpt = ckpt_path = None
     if args.init_from == "resume":
         ckpt_path, recorded = find_run(args, dtype)
