@@ -189,7 +189,7 @@ def parse_args(argv=None):
     if args.n_epochs == 0 or args.n_epochs < -1:
         parser.error(f"--n_epochs must be positive, or -1 for no bound (got {args.n_epochs})")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if args.gradient_accumulation_steps % world_size:
+    if args.gradient_accumulation_steps % world_size and not args.eval_only:
         parser.error(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must be divisible by the "
                      f"number of DDP processes ({world_size})")
     try:

@@ -131,6 +131,19 @@ def test_evaluating_a_run_in_training_appends_safely(data_dir, tmp_path, trained
     assert steps[3:] == list(range(4, steps[-1] + 1, 2)) and steps[-1] > evaluated["iter"]
 
 
+def test_eval_only_under_torchrun_gives_the_numbers_of_one_process(data_dir, tmp_path, trained_run):
+    """3 batches over 2 CPU processes (gloo), for a run trained with --gradient_accumulation_steps 1: the same losses
+    as one process, recorded once."""
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    one = run_script(["--eval_only", 1, "--ckpt_path", run_dir, "--eval_iters", 3])
+    assert one.returncode == 0, one.stderr
+    two = run_script(["--eval_only", 1, "--ckpt_path", run_dir, "--eval_iters", 3],
+                     launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"))
+    assert two.returncode == 0, two.stderr
+    first, second = [r for r in metrics(run_dir) if r.get("eval_only")]
+    assert first == pytest.approx(second, rel=1e-9) and two.stdout.count("recorded in") == 1
+
+
 # -----------------------------------------------------------------------------
 # a stop signal during an evaluation
 
