@@ -6,7 +6,8 @@ $ python sample.py --ckpt_path "out/<run name>" --prompt "Once upon a time," --n
 --ckpt_path takes anything checkpoints.load_model reads: a run directory or checkpoint file of ours (either --arch)
 or of the authors' train.py, a Hugging Face directory or hub id. The tokenizer is the one the run trained with (its
 vocab_size and data_dir, as train.py finds it; a Hugging Face directory's own tokenizer.model), or --tokenizer.
-Each prompt is continued num_samples times in one batch; the prompt's text is printed with its continuation.
+Each prompt is continued num_samples times in one batch; the prompt's text is printed with its continuation. A folder
+of runs (such as out/) is listed instead: each run's name, step and best validation loss (exit status 2).
 """
 
 import argparse
