@@ -1,8 +1,10 @@
 """
 The evaluation of a language model on the fixed windows of the splits: the losses train.py logs during training,
-and `train.py --eval_only 1`, which evaluates a checkpoint with its run's settings and records the result.
+and `train.py --eval_only 1`, which evaluates a checkpoint with its run's settings and records the result (or any
+model source that checkpoints.load_model reads: a Hugging Face directory or hub id is evaluated, not recorded).
 
     losses = evaluate(model, args, device, autocast, rank, world_size)   {'train/loss', 'val/loss', ...perplexity}
+    flags = source_flags(path)                                           the settings --eval_only 1 takes from it
     evaluate_only(args, config, device, dtype, rank, world_size, log)    --eval_only 1: print, record, exit code
 
 Every evaluation stops within a batch at SIGINT/SIGTERM (it returns None): nothing half-evaluated is logged.
@@ -19,9 +21,10 @@ import torch
 import torch.distributed as dist
 
 import model as M
-from checkpoints import checkpoint_file, load_model
+from checkpoints import CHECKPOINT_FILE, checkpoint_file, load_model
 from loader import EvalBatches, LoaderSettings, check_tokenizer
-from runs import check_checkpoint_model, find_run, named_run, recorded_config
+from runs import (check_checkpoint_model, check_same_model, find_run, model_flags, named_run, recorded_config,
+                  run_flags)
 from runtime import RunError, progress_bar, stop_signals
 
 
@@ -82,31 +85,52 @@ def stop_requested(received, flags, device, world_size):
     return len(flags) > 1 and flags.popleft().item() > 0
 
 
-def describe_losses(step, losses, max_seq_len):
-    """'step N: train loss ..., val loss ..., train perplexity ..., val perplexity ...' (the splits evaluated)."""
+def describe_losses(what, losses, max_seq_len):
+    """'WHAT: train loss ..., val loss ..., train perplexity ..., val perplexity ...' (the splits evaluated); WHAT is
+    e.g. 'step 2000'."""
     splits = [s for s in ("train", "val") if f"{s}/loss" in losses]
-    text = f"step {step}: " + ", ".join([f"{s} loss {losses[f'{s}/loss']:.4f}" for s in splits] +
+    text = f"{what}: " + ", ".join([f"{s} loss {losses[f'{s}/loss']:.4f}" for s in splits] +
                                         [f"{s} perplexity {losses[f'{s}/perplexity']:.2f}" for s in splits])
     if "val/windows" in losses:
         text += f" (the whole validation split: {losses['val/windows']:,} windows of {max_seq_len} tokens)"
     return text
 
 
+def is_checkpoint(path):
+    """Whether path is a checkpoint file or a directory holding one (a run directory), not a Hugging Face model."""
+    return os.path.isfile(path) or os.path.isfile(os.path.join(path, CHECKPOINT_FILE))
+
+
+def source_flags(path):
+    """The settings --eval_only 1 takes from a model source: a run's recorded flags (run_flags), or the model flags of
+    a Hugging Face directory or hub id (read with its weights, as checkpoints.load_model reads it)."""
+    if is_checkpoint(path) or not os.path.exists(path) and path.endswith(".pt"):
+        return run_flags(checkpoint_file(path))
+    model, _ = load_model(path)
+    return model_flags(model.config)
+
+
 def evaluate_only(args, config, device, dtype, rank, world_size, log):
-    """--eval_only 1: evaluate the checkpoint of --ckpt_path or --run_name (or the one --init_from resume finds, or
+    """--eval_only 1: evaluate the model of --ckpt_path or --run_name (or the checkpoint --init_from resume finds, or
     a fresh model) and print the losses; a checkpoint's evaluation is appended to its run's metrics.jsonl. No lock
     is taken, so a run in training can be evaluated: its checkpoint is read whole (it is replaced by a rename), and
     the record is one appended line. A stop signal ends it with nothing recorded: exit code 128 + the signal."""
-    ckpt_path = checkpoint_file(named_run(args)) if named_run(args) else None
-    if ckpt_path is None and args.init_from == "resume":
+    source = named_run(args)
+    ckpt_path = checkpoint_file(source) if source and is_checkpoint(source) else None
+    if source is None and args.init_from == "resume":
         ckpt_path, _ = find_run(args, dtype)
     torch.manual_seed(args.seed + rank)
-    step, model = 0, None
+    what, model = "step 0", None
     if ckpt_path is not None:
         model, ckpt = load_model(ckpt_path)
         check_checkpoint_model(ckpt, config)
         step = int(ckpt.get("iter_num", 0))
-        log.print(f"evaluating {ckpt_path} (step {step:,})")
+        what = f"step {step}"
+        log.print(f"evaluating {ckpt_path} ({what})")
+    elif source is not None:  # a Hugging Face directory or hub id
+        model, _ = load_model(source)
+        check_same_model(model.config, config, source)
+        what = source
     model = (model or M.build_model(config)).to(device)
     log.print(f"{config.kind} ({config.arch}): {model.num_params():,} parameters")
     check_tokenizer(config.vocab_size, args.vocab_size, args.data_dir)
@@ -119,9 +143,11 @@ def evaluate_only(args, config, device, dtype, rank, world_size, log):
         signum = received[0] if received else signal.SIGTERM  # (another rank's signal)
         log.print(f"stopped by {signal.Signals(signum).name}: the evaluation did not finish, nothing is recorded")
         return 128 + signum
-    log.print(describe_losses(step, losses, args.max_seq_len))
+    log.print(describe_losses(what, losses, args.max_seq_len))
     if ckpt_path is not None and log.master:
         record_evaluation(args, ckpt_path, step, losses, log)
+    elif source is not None:
+        log.print(f"(not recorded: {source} is not a run directory)")
     return 0
 
 

@@ -179,20 +179,23 @@ def recorded_config(ckpt_path):
     return config
 
 
+def model_flags(config):
+    """A ModelConfig as train.py's model flags (--vocab_size 0 for the Llama 2 vocabulary, switches 0/1)."""
+    flags = {name: getattr(config, name) for name in MODEL_FLAGS}
+    flags["vocab_size"] = 0 if config.vocab_size == M.LLAMA2_VOCAB_SIZE else config.vocab_size
+    return {name: int(value) if isinstance(value, bool) else value for name, value in flags.items()}
+
+
 def run_flags(ckpt_path):
     """The run's train.py flags, for evaluating its checkpoint: its recorded config, with the model flags it lacks
     (the authors' runs record no --arch, say) read from the checkpoint's model. RunError if unreadable."""
     flags = recorded_config(ckpt_path)
-    missing = [name for name in MODEL_FLAGS if name not in flags]
-    if missing:
+    if any(name not in flags for name in MODEL_FLAGS):
         try:
             model = reference.config_from_checkpoint(read_checkpoint(ckpt_path, mmap=True))
         except (ValueError, KeyError, TypeError) as e:
             raise RunError(f"{ckpt_path}: not a checkpoint of a model this code builds ({e})") from None
-        for name in missing:
-            value = getattr(model, name)
-            flags[name] = (0 if value == M.LLAMA2_VOCAB_SIZE else value) if name == "vocab_size" else \
-                int(value) if isinstance(value, bool) else value
+        flags = {**model_flags(model), **flags}
     return flags
 
 
@@ -256,14 +259,20 @@ def check_checkpoint_model(ckpt, config):
         theirs = reference.config_from_checkpoint(ckpt)
     except ValueError as e:
         raise RunError(f"the checkpoint's model: {e}") from None
+    check_same_model(theirs, config, "the checkpoint")
+
+
+def check_same_model(theirs, config, whose):
+    """RunError (code 2) naming the flags in which `config` (the flags') differs from `whose` model config `theirs`,
+    but for the dropout rate."""
     if theirs.arch != config.arch:
-        raise RunError(f"the checkpoint is --arch {theirs.arch}, the flags say --arch {config.arch}: pass --arch "
+        raise RunError(f"{whose} is --arch {theirs.arch}, the flags say --arch {config.arch}: pass --arch "
                        f"{theirs.arch}", code=2)
     differ = [f"{'--' if name in MODEL_FLAGS else ''}{name} {getattr(theirs, name)!r} "
               f"(flags: {getattr(config, name)!r})" for name in (f.name for f in fields(config))
               if name != "dropout_rate" and getattr(theirs, name) != getattr(config, name)]
     if differ:
-        raise RunError("the flags describe another model than the checkpoint's: " + "; ".join(differ), code=2)
+        raise RunError(f"the flags describe another model than {whose}'s: " + "; ".join(differ), code=2)
 
 
 # -----------------------------------------------------------------------------

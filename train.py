@@ -36,11 +36,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
 import reference
-from checkpoints import CHECKPOINT_FILE, checkpoint_file, load_model, write_checkpoint
-from evaluation import describe_losses, evaluate, evaluate_only
+from checkpoints import CHECKPOINT_FILE, load_model, write_checkpoint
+from evaluation import describe_losses, evaluate, evaluate_only, source_flags
 from loader import BatchLoader, LoaderSettings, check_tokenizer
 from runs import (EVAL_SETTINGS, RUN_SETTINGS, RESUME_ADVICE, Logger, changed_settings, check_checkpoint_model,
-                  check_new_run, check_run_name, find_run, named_run, new_run_dir, run_flags, run_lock, write_config)
+                  check_new_run, check_run_name, find_run, named_run, new_run_dir, run_lock, write_config)
 from runtime import (Parser, RunError, all_gather, one_line_errors, print_above_bars, progress_bar, resolve_dtype,
                      rng_state, set_rng_state, setup_device, stop_signals)
 from tokenizer import DataError
@@ -173,7 +173,7 @@ def parse_args(argv=None):
         parser.error(str(e))
     if args.eval_only and named_run(args):
         given = given_flags(argv)
-        recorded = run_flags(checkpoint_file(named_run(args)))
+        recorded = source_flags(named_run(args))
         for name in EVAL_SETTINGS:
             if name not in given and name in recorded:
                 setattr(args, name, recorded[name])
@@ -495,7 +495,7 @@ class Trainer:
         losses = evaluate(self.eval_model, self.args, self.device, self.autocast, self.rank, self.world_size,
                           received, progress=self.log.master)
         if losses is not None:
-            self.log.print(describe_losses(self.iter_num, losses, self.args.max_seq_len))
+            self.log.print(describe_losses(f"step {self.iter_num}", losses, self.args.max_seq_len))
         return losses
 
     def save_checkpoint(self, why):

@@ -104,6 +104,21 @@ def test_eval_only_evaluates_an_authors_checkpoint_file(data_dir, tmp_path, caps
     assert metrics(tmp_path)[-1]["tokens"] == 3 * 8 * 32
 
 
+def test_eval_only_evaluates_a_hugging_face_directory_without_recording(data_dir, tmp_path, capsys, trained_run):
+    """The model of a directory that export.py wrote (its flags from the model's config; the data flags given): the
+    numbers of the run it came from; nothing is written there."""
+    import export
+    hf = tmp_path / "hf"
+    assert export.main(["--ckpt_path", trained_run, "--out_dir", str(hf)]) == 0
+    files = sorted(os.listdir(hf))
+    last = evals(trained_run)[2]  # the evaluation the checkpoint was written after (step 4)
+    code, out, err = run_main(capsys, ["--eval_only", 1, "--ckpt_path", hf, "--data_dir", data_dir, "--batch_size",
+                                       8, "--eval_iters", 2])
+    assert code == 0, err
+    assert f"{hf}: train loss {last['train/loss']:.4f}, val loss {last['val/loss']:.4f}" in out
+    assert f"(not recorded: {hf} is not a run directory)" in out and sorted(os.listdir(hf)) == files
+
+
 def test_evaluating_a_run_in_training_appends_safely(data_dir, tmp_path, trained_run):
     """A real training process, and an evaluation of its checkpoint meanwhile: the evaluation takes no lock and
     exits 0; the training goes on undisturbed (its evaluations every 2 steps all arrive, then SIGTERM stops it as
