@@ -4,7 +4,7 @@ Checkpoints on disk, and the one loader of a model (and its tokenizer) from a pa
     CHECKPOINT_FILE                  the file name of a run's checkpoint in its run directory
     checkpoint_file(path)            a run directory or a checkpoint file -> the checkpoint file
     read_checkpoint(path)            torch.load after a CRC check of every record (RunError when damaged)
-    write_checkpoint(path, ckpt)     torch.save to a temporary file, then an atomic rename
+    write_checkpoint(path, ckpt)     torch.save to a fresh temporary file, then an atomic rename
     load_model(path)                 (our model in eval mode, the checkpoint) of a run directory or checkpoint file
                                      (ours or the authors', either era), a Hugging Face directory or hub id
     find_tokenizer(path, ckpt, n)    the tokenizer the model was trained with
@@ -20,7 +20,7 @@ import torch
 
 import reference
 from model import LLAMA2_VOCAB_SIZE
-from runtime import RunError
+from runtime import RunError, replacing_file
 from tokenizer import Tokenizer, tokenizer_path
 
 CHECKPOINT_FILE = "ckpt.pt"
@@ -64,18 +64,13 @@ def read_checkpoint(path, mmap=False, advice=DAMAGED_ADVICE):
 
 
 def write_checkpoint(path, ckpt):
-    """torch.save to a temporary file, then an atomic rename: a crash or a full disk never leaves a half-written
-    checkpoint (RunError; the previous checkpoint stays)."""
-    tmp = path + ".tmp"
+    """torch.save to a fresh temporary file (created exclusively: never through a link planted in the run
+    directory), then an atomic rename: a crash or a full disk never leaves a half-written checkpoint (RunError; the
+    previous checkpoint stays)."""
     try:
-        with open(tmp, "wb") as f:
+        with replacing_file(path) as f:
             torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports some write errors as RuntimeError
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
         why = e.strerror if isinstance(e, OSError) else " ".join(str(e).split())
         kept = "the previous checkpoint is kept" if os.path.exists(path) else "no checkpoint was written"
         raise RunError(f"writing the checkpoint {path} failed ({why}): stopped, {kept}") from None

@@ -2,8 +2,8 @@
 Training and evaluation batches from the pretokenized uint16 shards that `tiny_stories_data.py pretokenize` writes.
 
 Shard 0 is the validation split, all other shards are training data. BatchLoader draws random training batches
-(resumable through its state_dict), eval_batches the same fixed evaluation batches in every run; both take one
-LoaderSettings. Importing it loads numpy, torch and the tokenizer module, never the preparation tool or its download
+(resumable through its state_dict), EvalBatches the same fixed evaluation batches in every run (or every window of a
+split once); both take one LoaderSettings. Importing it loads numpy, torch and the tokenizer module, never the preparation tool or its download
 and archive code.
 """
 
@@ -17,14 +17,14 @@ from dataclasses import KW_ONLY, dataclass
 import numpy as np
 import torch
 
-from tokenizer import DataError, MissingDataError, prepare_command
+from tokenizer import DataError, MissingDataError, Tokenizer, prepare_command, tokenizer_path
 
 SHARD_DIR = "TinyStories_all_data"  # <data_dir>/TinyStories_all_data/data00.json ...
 
 
 @dataclass(frozen=True)
 class LoaderSettings:
-    """What batches are drawn from and how, for BatchLoader and eval_batches (all but the batch shape by keyword)."""
+    """What batches are drawn from and how, for BatchLoader and EvalBatches (all but the batch shape by keyword)."""
     batch_size: int
     max_seq_len: int  # T: x and y are (batch_size, T); a window holds T + 1 tokens
     _: KW_ONLY
@@ -33,7 +33,7 @@ class LoaderSettings:
     device: str | torch.device = "cpu"
     seed: int = 0  # BatchLoader's generator is seeded from (seed, rank)
     rank: int = 0
-    world_size: int = 1  # eval_batches: batch i goes to rank i % world_size
+    world_size: int = 1  # EvalBatches: batch i goes to rank i % world_size
     prefetch: int = 2  # batches BatchLoader's background thread draws ahead (0: drawn in the caller's thread)
 
     def __post_init__(self):
@@ -228,16 +228,43 @@ class BatchLoader:
         self.thread = self.queue = self.stopping = None
 
 
-def eval_batches(split, settings, n_batches):
+class EvalBatches:
     """
-    Deterministic evaluation batches: n_batches * batch_size windows evenly spaced over the split (no RNG, so the
-    same in every call and run); batch i holds every n_batches-th of them, so each batch spans the whole split.
-    With world_size > 1, batch i goes to rank i % world_size. Yields x, y of shape (batch_size, max_seq_len).
+    The evaluation batches of a split, the same in every call and run (no RNG). n_batches > 0: n_batches * batch_size
+    windows evenly spaced over the split, batch i holding every n_batches-th of them (so each batch spans the whole
+    split). n_batches = 0: every non-overlapping window once, in order: inputs of max_seq_len tokens starting every
+    max_seq_len tokens of each shard, so that each token but a shard's first is a target once (bar a shard's last
+    partial window); the last batch may be smaller. With world_size > 1, batch i goes to rank i % world_size.
+    len() counts the batches of every rank; iterating yields this rank's x, y of shape (B, max_seq_len).
     """
-    windows = Windows(split, settings)
-    n = n_batches * settings.batch_size
-    idx = (np.arange(n, dtype=np.int64) * windows.n_windows) // max(n, 1)
-    idx = idx.reshape(settings.batch_size, n_batches).T  # (n_batches, batch_size) window indices
-    device = torch.device(settings.device)
-    for i in range(settings.rank, n_batches, settings.world_size):
-        yield to_device(*split_windows(windows.gather(idx[i]), pin=device.type == "cuda"), device)
+
+    def __init__(self, split, settings, n_batches):
+        self.windows, self.settings = Windows(split, settings), settings
+        B = settings.batch_size
+        if n_batches:
+            n = n_batches * B
+            idx = (np.arange(n, dtype=np.int64) * self.windows.n_windows) // n
+            self.batches = list(idx.reshape(B, n_batches).T)  # n_batches arrays of B window indices
+        else:
+            firsts = self.windows.ends - self.windows.counts  # the index of each shard's first window
+            starts = np.concatenate([first + np.arange(0, count, settings.max_seq_len)
+                                     for first, count in zip(firsts, self.windows.counts)])
+            self.batches = [starts[i:i + B] for i in range(0, len(starts), B)]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        device = torch.device(self.settings.device)
+        for idx in self.batches[self.settings.rank::self.settings.world_size]:
+            yield to_device(*split_windows(self.windows.gather(idx), pin=device.type == "cuda"), device)
+
+
+def check_tokenizer(model_vocab_size, vocab_size=0, data_dir="data"):
+    """The Tokenizer of the shards of (vocab_size, data_dir); DataError unless it has the model's vocabulary
+    (model_vocab_size tokens) and every shard's token ids fit it."""
+    tokenizer = Tokenizer(tokenizer_path(vocab_size, data_dir))
+    if tokenizer.n_words != model_vocab_size:
+        raise DataError(f"{tokenizer.model_path} has {tokenizer.n_words} tokens, the model {model_vocab_size}")
+    check_token_ids(tokenizer, vocab_size, data_dir)
+    return tokenizer

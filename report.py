@@ -134,7 +134,8 @@ GRID_ROWS = PAPER_ROWS + ABLATION_ROWS
 
 def read_evals(path):
     """The evaluations logged in a metrics.jsonl, in step order. A resumed run appends to the same file from its
-    checkpoint's step on, so an evaluation at or before the last one read replaces those from its step on. A line cut
+    checkpoint's step on, so an evaluation at or before the last one read replaces those from its step on; the records
+of `train.py --eval_only` (evaluations of a checkpoint after the fact) are not part of the curve. A line cut
     short by a crash is skipped; ValueError naming the line for what train.py never writes: bytes that are not UTF-8,
     a line that is JSON but not a record, an evaluation without its step, tokens, loss or perplexity."""
     evals = []
@@ -148,7 +149,7 @@ def read_evals(path):
                 continue
             if not isinstance(record, dict):
                 raise ValueError(f"line {n} of {METRICS_FILE} is not a record: {raw.decode().strip()[:40]}")
-            if "val/loss" not in record:
+            if "val/loss" not in record or record.get("eval_only"):  # train.py --eval_only: not the training curve
                 continue
             missing = [k for k in ("iter", "tokens", "val/loss", "val/perplexity") if not is_number(record.get(k))]
             if missing:

@@ -1,6 +1,6 @@
 """
 What every script shares at run time: one-line errors, the command-line helpers, the device and its DDP processes,
-RNG states and stop signals.
+RNG states, stop signals, progress bars and files replaced atomically.
 
     @one_line_errors(DataError, OSError)   a script's main(argv): RunError (and the given types) print one
     def main(argv=None): ...               `error: ...` line on stderr and return the error's exit code
@@ -12,10 +12,14 @@ import functools
 import os
 import signal
 import sys
-from contextlib import contextmanager
+import tempfile
+from contextlib import contextmanager, suppress
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+
+PROGRESS_DELAY = 1.0  # seconds before a progress bar appears: quick evaluations print no bar
 
 
 class RunError(Exception):
@@ -165,3 +169,48 @@ def stop_signals():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+# -----------------------------------------------------------------------------
+# progress bars and files
+
+def progress_bar(total, desc, enabled=True, **kwargs):
+    """A tqdm bar with an ETA on stderr, drawn only on a terminal (and where `enabled`, e.g. on rank 0) once
+    PROGRESS_DELAY seconds have passed; elsewhere (a log file) a bar that draws nothing. It disappears when closed."""
+    return tqdm(total=total, desc=desc, disable=not enabled or not sys.stderr.isatty(), delay=PROGRESS_DELAY,
+                leave=False, dynamic_ncols=True, **kwargs)
+
+
+def print_above_bars(*parts, file=None):
+    """print(..., flush=True) on stdout (or `file`), clearing and redrawing the progress bars on the terminal around
+    it."""
+    file = file or sys.stdout
+    with tqdm.external_write_mode(file=file):
+        print(*parts, file=file, flush=True)
+
+
+def umask():
+    """The process umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def replacing_file(path, mode="wb"):
+    """A new file (mode 0666 less the umask) that replaces `path` atomically when the block ends: created exclusively
+    under a fresh name next to `path` (so never through a link planted there), flushed to disk, then renamed over
+    `path` (a link at `path` is replaced, not followed). On an error it is removed and `path` stays as it was."""
+    directory, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask())
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise

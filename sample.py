@@ -6,7 +6,8 @@ $ python sample.py --ckpt_path "out/<run name>" --prompt "Once upon a time," --n
 --ckpt_path takes anything checkpoints.load_model reads: a run directory or checkpoint file of ours (either --arch)
 or of the authors' train.py, a Hugging Face directory or hub id. The tokenizer is the one the run trained with (its
 vocab_size and data_dir, as train.py finds it; a Hugging Face directory's own tokenizer.model), or --tokenizer.
-Each prompt is continued num_samples times in one batch; the prompt's text is printed with its continuation.
+Each prompt is continued num_samples times in one batch; the prompt's text is printed with its continuation. A folder
+of runs (such as out/) is listed instead: each run's name, step and best validation loss (exit status 2).
 """
 
 import math
@@ -17,6 +18,7 @@ from contextlib import nullcontext
 import torch
 
 from checkpoints import PATH_HELP, find_tokenizer, load_model
+from runs import list_runs
 from runtime import Parser, RunError, one_line_errors, resolve_dtype, setup_device, synchronize
 from tokenizer import DataError, text_from_argv
 
@@ -81,6 +83,10 @@ def read_prompts(args):
 
 
 def sample(args):
+    if runs := list_runs(args.ckpt_path):  # a folder of runs, such as out/
+        print(f"{args.ckpt_path} holds {len(runs) - 1} runs: sample one with --ckpt_path {args.ckpt_path}/NAME")
+        print("\n".join(runs))
+        return 2
     device, _, _ = setup_device(args)
     dtype = resolve_dtype(args, device)
     model, ckpt = load_model(args.ckpt_path)

@@ -35,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-import train
+import flags
 from checkpoints import CHECKPOINT_FILE
 from runs import recorded_config, setting_differences
 from runtime import RunError, one_line_errors
@@ -193,7 +193,7 @@ def check_extra(extra):
 
 def train_flags(argv):
     """train.py's flags (a Namespace, defaults filled in) for argv; SweepError where its parser refuses them."""
-    parser = train.build_parser()
+    parser = flags.build_parser()
 
     def refuse(message):
         raise SweepError(f"train.py refuses the flags after --: {message}")

@@ -5,15 +5,19 @@ A 4-layer DAT (4 self-attention + 4 relational heads), on whatever device is the
 $ python train.py --sa 4 --ra 4 --symbol_type symbolic_attention --pos_enc_type RoPE \\
       --ra_type relational_attention --n_layers 4 --d_model 64
 
-The Transformer baseline: --ra 0 (symbol and relational-attention types are then ignored):
-$ python train.py --sa 8 --ra 0 --symbol_type NA --pos_enc_type RoPE --ra_type NA --n_layers 4 --d_model 64
+The Transformer baseline: --ra 0 (no symbol or relational-attention type):
+$ python train.py --sa 8 --ra 0 --pos_enc_type RoPE --n_layers 4 --d_model 64
 
 DDP on the 4 GPUs of one node (gradient_accumulation_steps is divided by the number of processes):
 $ torchrun --standalone --nproc_per_node 4 train.py --sa 4 --ra 4 ... --gradient_accumulation_steps 4
 
 Continue a run: the same command plus --init_from resume (it finds the run under out/ with these settings; or
---ckpt_path DIR_OR_FILE). Each run writes its settings, checkpoint and metrics to out/<run name>/ (runs.py); data
-come from tiny_stories_data.py.
+--ckpt_path DIR_OR_FILE, or --run_name NAME). Each run writes its settings, checkpoint and metrics to out/<run name>/
+(runs.py); data come from tiny_stories_data.py.
+
+Evaluate a checkpoint with the settings of its run (--eval_iters 0: every window of the validation split once); the
+result is appended to the run's metrics.jsonl:
+$ python train.py --eval_only 1 --ckpt_path out/RUN --eval_iters 0
 """
 
 import math
@@ -32,158 +36,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import model as M
 import reference
 from checkpoints import CHECKPOINT_FILE, load_model, write_checkpoint
-from loader import BatchLoader, LoaderSettings, check_token_ids, eval_batches
-from runs import (RUN_SETTINGS, RESUME_ADVICE, Logger, changed_settings, check_checkpoint_model, find_run,
-                  new_run_dir, run_lock, write_config)
-from runtime import (Parser, RunError, all_gather, one_line_errors, resolve_dtype, rng_state, set_rng_state,
-                     setup_device, stop_signals)
-from sample import sampling_flag_problems
-from tokenizer import DataError, Tokenizer, tokenizer_path
+from evaluation import describe_losses, evaluate, evaluate_only
+from flags import parse_args
+from loader import BatchLoader, LoaderSettings, check_tokenizer
+from runs import (RUN_SETTINGS, RESUME_ADVICE, Logger, changed_settings, check_checkpoint_model, check_new_run,
+                  find_run, new_run_dir, run_lock, write_config)
+from runtime import (RunError, all_gather, one_line_errors, print_above_bars, progress_bar, resolve_dtype,
+                     rng_state, set_rng_state, setup_device, stop_signals)
+from tokenizer import DataError
 
 PROMPTS = ["Once upon a time,", "There once was a girl named ", "On a rainy day,", "Emma went to", "", "", ""]
-
-
-# -----------------------------------------------------------------------------
-# command line
-
-def build_parser():
-    p = Parser(
-        description=__doc__,
-        usage="%(prog)s --sa N --ra N --symbol_type TYPE --pos_enc_type TYPE --ra_type TYPE --n_layers N "
-              "--d_model N [options]")
-    switch = dict(type=int, choices=(0, 1))
-
-    g = p.add_argument_group("model (--ra 0 builds the Transformer baseline with --sa heads)")
-    g.add_argument("--sa", required=True, type=int, help="number of self-attention heads")
-    g.add_argument("--ra", required=True, type=int, help="number of relational heads (0: Transformer baseline)")
-    g.add_argument("--symbol_type", required=True, choices=("position_relative", "symbolic_attention", "NA"),
-                   help="symbols of the relational heads (symbolic attention: max_seq_len symbols, 4 heads; "
-                        "position-relative: offsets up to max_seq_len); NA only with --ra 0")
-    g.add_argument("--pos_enc_type", required=True, choices=("RoPE", "pos_emb"),
-                   help="rotary embeddings on every attention-selection query/key, or learned absolute positions")
-    g.add_argument("--ra_type", required=True, choices=("relational_attention", "rca", "disrca", "NA"),
-                   help="relational attention, relational cross-attention or disentangled RCA; NA only with --ra 0")
-    g.add_argument("--n_layers", required=True, type=int, help="number of blocks")
-    g.add_argument("--d_model", required=True, type=int, help="model width (divisible by sa + ra)")
-    g.add_argument("--activation", default="swiglu", choices=M.ACTIVATION_CHOICES, help="feed-forward activation")
-    g.add_argument("--dropout_rate", default=0.1, type=float, help="dropout rate (may differ when resuming)")
-    g.add_argument("--dff", default=None, type=int,
-                   help="feed-forward hidden width (default: int(2/3*4*d_model) for swiglu, else 4*d_model; "
-                        "4*d_model for every activation with --arch paper)")
-    g.add_argument("--norm_first", default=1, **switch, help="1: pre-norm blocks, 0: post-norm")
-    g.add_argument("--symmetric_rels", default=0, **switch,
-                   help="1: symmetric relations (tied relation query/key maps; relational_attention only)")
-    g.add_argument("--trainable_symbols", default=1, **switch,
-                   help="0: freeze the symbol library of symbolic attention (not its templates or query map)")
-    g.add_argument("--max_seq_len", default=512, type=int, help="context length (block size) of training windows")
-    g.add_argument("--arch", default="current", choices=sorted(M.ARCHS),
-                   help="current: the authors' code as released; paper: the May 2024 code behind the paper's "
-                        "Tiny Stories numbers (see model.ARCHS). A resumed checkpoint must have the same arch")
-
-    g = p.add_argument_group("training")
-    g.add_argument("--n_epochs", default=-1, type=int,
-                   help="stop after this many passes over the training tokens (or at max_iters if sooner); "
-                        "-1: no bound")
-    g.add_argument("--max_iters", default=100_000, type=int, help="number of optimizer steps")
-    g.add_argument("--batch_size", default=64, type=int, help="sequences per micro-batch and process")
-    g.add_argument("--gradient_accumulation_steps", default=1, type=int,
-                   help="micro-batches per optimizer step, in total over all DDP processes (a multiple of their "
-                        "number)")
-    g.add_argument("--learning_rate", default=5e-4, type=float, help="peak (or constant) learning rate")
-    g.add_argument("--use_cosine_sched", default=1, **switch,
-                   help="1: linear warm-up from 0 over warmup_iters, then cosine decay to 0 at the last step; "
-                        "0: constant learning_rate")
-    g.add_argument("--warmup_iters", default=1000, type=int, help="warm-up steps of the cosine schedule")
-    g.add_argument("--weight_decay", default=0.1, type=float, help="AdamW weight decay of the >=2-D tensors")
-    g.add_argument("--beta1", default=0.9, type=float, help="AdamW beta1")
-    g.add_argument("--beta2", default=0.95, type=float, help="AdamW beta2")
-    g.add_argument("--grad_clip", default=1.0, type=float, help="clip the gradient norm at this value (0: off)")
-    g.add_argument("--seed", default=1337, type=int, help="seed of the weights, dropout and batch order (+ rank)")
-
-    g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval_interval", default=2_000, type=int,
-                   help="evaluate every this many steps (and at step 0 and the last step)")
-    g.add_argument("--eval_iters", default=100, type=int, help="batches of each split per evaluation (fixed windows)")
-    g.add_argument("--eval_only", default=0, **switch,
-                   help="1: evaluate the fresh model (or, with --init_from resume, the checkpoint), print, exit")
-    g.add_argument("--always_save_checkpoint", default=0, **switch,
-                   help=f"1: write {CHECKPOINT_FILE} at every evaluation; 0: only when the val loss improves")
-    g.add_argument("--init_from", default="scratch", choices=("scratch", "resume"),
-                   help="resume: continue the run under out_dir whose model and training settings equal these flags "
-                        "(README: Resuming)")
-    g.add_argument("--ckpt_path", default=None,
-                   help="checkpoint file or run directory that --init_from resume continues (its settings must "
-                        "equal the flags too; default: the one matching run under out_dir)")
-    g.add_argument("--out_dir", default="out", help="runs are written to out_dir/<run name>/")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--data_dir", default="data", help="directory of tiny_stories_data.py's output")
-    g.add_argument("--vocab_size", default=0, type=int,
-                   help="0: the Llama 2 tokenizer (32,000 tokens); N: the custom data_dir/tok{N}.model and "
-                        "data_dir/tok{N}/")
-
-    g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cpu, cuda, cuda:1, mps")
-    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="autocast dtype; auto: bfloat16 on CUDA where supported, else float32 "
-                        "(float16 uses a gradient scaler)")
-    g.add_argument("--compile", default=0, **switch, help="1: torch.compile the model")
-
-    g = p.add_argument_group("logging")
-    g.add_argument("--log_interval", default=10, type=int, help="print (and log) the training loss every N steps")
-    g.add_argument("--log_to_wandb", default=1, **switch,
-                   help="1: log to Weights & Biases (offline, with a note, when no credentials are configured)")
-    g.add_argument("--wandb_project", default="dual_attention--tiny_stories-LM", help="W&B project name")
-
-    g = p.add_argument_group("samples (generated at the end of training)")
-    g.add_argument("--sample_tokens", default=100, type=int, help="new tokens per sample (0: no samples)")
-    g.add_argument("--temperature", default=1.0, type=float, help="sampling temperature (0: greedy, the most likely "
-                                                                  "token each time)")
-    g.add_argument("--top_k", default=None, type=int, help="sample among the k most likely tokens (default: all tokens)")
-    return p
-
-
-def parse_args(argv=None):
-    """(flags, model config). Contradictory flags stop here with `error: ...` and exit code 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    positive = ["n_layers", "d_model", "max_seq_len", "batch_size", "gradient_accumulation_steps", "eval_interval",
-                "eval_iters", "log_interval"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name} must be positive (got {getattr(args, name)})")
-    for name in ("sa", "ra", "max_iters", "warmup_iters", "vocab_size", "sample_tokens"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must not be negative (got {getattr(args, name)})")
-    if args.n_epochs == 0 or args.n_epochs < -1:
-        parser.error(f"--n_epochs must be positive, or -1 for no bound (got {args.n_epochs})")
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if args.gradient_accumulation_steps % world_size:
-        parser.error(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must be divisible by the "
-                     f"number of DDP processes ({world_size})")
-    try:
-        check_ranges(args)
-        config = M.ModelConfig.from_flags(args)
-    except ValueError as e:
-        parser.error(str(e))
-    return args, config
-
-
-def check_ranges(args):
-    """ValueError for a flag outside its range that parse_args does not check by sign (NaN fails every test)."""
-    if args.dff is not None and args.dff <= 0:
-        raise ValueError(f"--dff must be positive (got {args.dff})")
-    if not args.learning_rate > 0:
-        raise ValueError(f"--learning_rate must be positive (got {args.learning_rate})")
-    for name in ("beta1", "beta2", "dropout_rate"):
-        if not 0 <= getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be in [0, 1) (got {getattr(args, name)})")
-    for name in ("weight_decay", "grad_clip"):
-        if not getattr(args, name) >= 0:
-            raise ValueError(f"--{name} must not be negative (got {getattr(args, name)})")
-    problems = sampling_flag_problems(args)  # --temperature, --top_k
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 # -----------------------------------------------------------------------------
@@ -241,36 +103,6 @@ def training_steps(args, train_tokens, tokens_per_step):
 # -----------------------------------------------------------------------------
 # evaluation and samples
 
-def perplexity(loss):
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return math.inf
-
-
-@torch.no_grad()
-def evaluate(model, args, device, autocast, rank, world_size):
-    """Mean loss over eval_iters fixed batches of each split (the same windows in every run, shared out over the
-    DDP ranks), and perplexity = exp(mean loss). Eval mode: no dropout, no RNG drawn."""
-    model.eval()
-    out = {}
-    for split in ("train", "val"):
-        total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of batch losses, number of batches
-        settings = LoaderSettings(args.batch_size, args.max_seq_len, vocab_size=args.vocab_size,
-                                  data_dir=args.data_dir, device=device, rank=rank, world_size=world_size)
-        for x, y in eval_batches(split, settings, args.eval_iters):
-            with autocast:
-                _, loss = model(x, y, return_logits=False)
-            total[0] += loss.double()
-            total[1] += 1
-        if world_size > 1:
-            dist.all_reduce(total)
-        mean = (total[0] / total[1]).item()
-        out[f"{split}/loss"], out[f"{split}/perplexity"] = mean, perplexity(mean)
-    model.train()
-    return out
-
-
 def generate_samples(model, tokenizer, args, device):
     """The reference's prompts (three empty ones: BOS only), each continued by sample_tokens tokens (in float32,
     eval mode)."""
@@ -287,19 +119,23 @@ def generate_samples(model, tokenizer, args, device):
 
 @one_line_errors(DataError, OSError)
 def main(argv=None):
-    args, config = parse_args(argv)
+    args, config = parse_args(argv, description=__doc__)
     with ExitStack() as held:  # the lock of the run directory, released however the run ends
         return train(args, config, held)
 
 
 def train(args, config, held):
-    """Set up (device, checkpoint, model, data, optimizer), then evaluate only, or train and sample. The run
-    directory's lock joins the ExitStack `held`."""
+    """Set up (device, checkpoint, model, data, optimizer), then train and sample, or (--eval_only 1) evaluate. The
+    run directory's lock joins the ExitStack `held`."""
     kind, model_args = reference.reference_args(config)  # what checkpoints record, in the authors' names
+    if args.init_from == "scratch" and not args.eval_only:
+        check_new_run(args)
     device, rank, world_size = setup_device(args)
     log = Logger(master=rank == 0)
     dtype = resolve_dtype(args, device)
     log.print(f"device {device}, dtype {dtype}")
+    if args.eval_only:
+        return evaluate_only(args, config, device, dtype, rank, world_size, log)
     ckpt = ckpt_path = None
     if args.init_from == "resume":
         ckpt_path, recorded = find_run(args, dtype)
@@ -308,7 +144,7 @@ def train(args, config, held):
             log.print(f"changed since the run's last leg: {', '.join(changed)}")
         if unrecorded := [f"--{name}" for name in RUN_SETTINGS if name not in recorded]:
             log.print(f"note: the run does not record {', '.join(unrecorded)}: this command's values are used")
-        if log.master and not args.eval_only:
+        if log.master:
             held.enter_context(run_lock(os.path.dirname(ckpt_path)))
     torch.manual_seed(args.seed + rank)
     if ckpt_path is None:
@@ -320,25 +156,21 @@ def train(args, config, held):
         check_checkpoint_model(ckpt, config)
     raw_model.to(device).train()
     log.print(f"{kind} ({args.arch}): {raw_model.num_params():,} parameters")
-    tokenizer = Tokenizer(tokenizer_path(args.vocab_size, args.data_dir))
-    if tokenizer.n_words != config.vocab_size:
-        raise RunError(f"{tokenizer.model_path} has {tokenizer.n_words} tokens, the model {config.vocab_size}")
+    tokenizer = check_tokenizer(config.vocab_size, args.vocab_size, args.data_dir)
     loader = BatchLoader("train", LoaderSettings(args.batch_size, args.max_seq_len, vocab_size=args.vocab_size,
                                                  data_dir=args.data_dir, device=device, seed=args.seed, rank=rank,
                                                  world_size=world_size))
-    check_token_ids(tokenizer, args.vocab_size, args.data_dir)
 
     trainer = Trainer(args, raw_model, kind, model_args, loader, device, dtype, rank, world_size, log)
     if ckpt is not None:
         trainer.restore(ckpt)
         ckpt = None  # free the memory
-    if args.eval_only:
-        trainer.evaluate()
-        trainer.finish()
-        return 0
-
     total_steps, bound = training_steps(args, loader.n_tokens, trainer.tokens_per_step)
     log.print(f"training for {total_steps:,} steps ({bound})")
+    if args.use_cosine_sched and 0 < total_steps <= args.warmup_iters and log.master:
+        print(f"warning: --warmup_iters {args.warmup_iters} >= the {total_steps:,} training steps: the learning rate "
+              f"is still warming up at the last step ({get_lr(total_steps - 1, args, total_steps):.2e}, not "
+              f"--learning_rate {args.learning_rate:g}); lower --warmup_iters", file=sys.stderr, flush=True)
     run_dir = None
     if log.master:
         run_dir = os.path.dirname(ckpt_path) if ckpt_path else new_run_dir(args)
@@ -441,7 +273,7 @@ class Trainer:
         self.config, self.wandb_run_id, self.ckpt_path = None, None, None
         self.loader_state = loader.state_dict()  # the loader before it draws the next step's first batch
         self.pending = deque()  # StepStatus of the steps launched on the device and not yet read, oldest first
-        self.timer = None
+        self.timer = self.bar = None
 
     def restore(self, ckpt):
         """Continue a checkpoint: step, best val loss, optimizer, and (ours) data position, RNG, W&B run."""
@@ -463,11 +295,12 @@ class Trainer:
                            "batches and dropout start afresh from --seed")
         self.log.print(f"resumed at step {self.iter_num:,} (best val loss {self.best_val_loss:.4f})")
 
-    def evaluate(self):
-        losses = evaluate(self.eval_model, self.args, self.device, self.autocast, self.rank, self.world_size)
-        self.log.print(f"step {self.iter_num}: train loss {losses['train/loss']:.4f}, val loss "
-                       f"{losses['val/loss']:.4f}, train perplexity {losses['train/perplexity']:.2f}, "
-                       f"val perplexity {losses['val/perplexity']:.2f}")
+    def evaluate(self, received=()):
+        """The losses of an evaluation, printed; None when a stop signal ended it (nothing printed)."""
+        losses = evaluate(self.eval_model, self.args, self.device, self.autocast, self.rank, self.world_size,
+                          received, progress=self.log.master)
+        if losses is not None:
+            self.log.print(describe_losses(f"step {self.iter_num}", losses, self.args.max_seq_len))
         return losses
 
     def save_checkpoint(self, why):
@@ -487,9 +320,10 @@ class Trainer:
 
     def run(self, total_steps, run_dir):
         """Evaluate (every eval_interval steps, at the first and at the last step) and train up to total_steps.
-        Returns 0; 128 + the signal after SIGINT/SIGTERM (a checkpoint is written first); 1 on a non-finite loss
-        (nothing is written). A checkpoint of step k holds the state before step k: resuming it replays k, k+1, ...
-        exactly as an uninterrupted run does.
+        Returns 0; 128 + the signal after SIGINT/SIGTERM (a checkpoint is written first; a signal during an
+        evaluation ends it within a batch, and it is not logged); 1 on a non-finite loss (nothing is written). A
+        checkpoint of step k holds the state before step k: resuming it replays k, k+1, ... (and the evaluation at
+        k) exactly as an uninterrupted run does.
 
         The host never waits for the step it has just launched: it reads the status of the step before (loss,
         stop signal) while the device runs this one, and waits for every launched step only before an evaluation
@@ -498,7 +332,8 @@ class Trainer:
         self.ckpt_path = os.path.join(run_dir, CHECKPOINT_FILE) if run_dir else None
         self.timer = IntervalTimer(self.iter_num)
         x, y = self.loader.next_batch()
-        with stop_signals() as received:
+        with stop_signals() as received, progress_bar(total_steps, "training", enabled=self.log.master,
+                                                      initial=self.iter_num, unit="step") as self.bar:
             while True:
                 evaluating = self.iter_num % self.args.eval_interval == 0 or self.iter_num == total_steps
                 done = self.iter_num >= total_steps
@@ -507,7 +342,9 @@ class Trainer:
                     return exit_code
                 if evaluating:
                     self.timer.pause()
-                    losses = self.evaluate()
+                    losses = self.evaluate(received)
+                    if losses is None:
+                        return self.stop(received[0] if received else signal.SIGTERM)
                     if not all(math.isfinite(v) for v in losses.values()):
                         return self.stop_non_finite(f"the evaluation loss is {losses['val/loss']}", self.iter_num)
                     self.log_and_save(losses)
@@ -530,13 +367,16 @@ class Trainer:
                 return self.stop_non_finite(f"the training loss is {loss}", status.iter_num)
             if status.iter_num % self.args.log_interval == 0:
                 self.log_step(status.iter_num, loss, status.lr, *self.timer.lap(status.iter_num, status.finished))
+            self.bar.update()
             if signalled and stop is None:
                 stop, keep = (received[0] if received else signal.SIGTERM), 0
-        if stop is None:
-            return None
-        self.save_checkpoint(f"stopped by {signal.Signals(stop).name}")
+        return None if stop is None else self.stop(stop)
+
+    def stop(self, signum):
+        """After a stop signal: a checkpoint of the state before step iter_num, and the exit code 128 + signum."""
+        self.save_checkpoint(f"stopped by {signal.Signals(signum).name}")
         self.log.print(f"stopped at step {self.iter_num}: continue with --init_from resume")
-        return 128 + stop
+        return 128 + signum
 
     def log_and_save(self, losses):
         """Log an evaluation; write a checkpoint when the val loss improves (not at step 0), or always."""
@@ -598,8 +438,8 @@ class Trainer:
         if self.log.master:
             kept = (f"the last good checkpoint stays in {self.ckpt_path}" if os.path.exists(self.ckpt_path)
                     else "no checkpoint was written")
-            print(f"error: {what} at step {iter_num}: stopping ({kept}); try a lower --learning_rate",
-                  file=sys.stderr, flush=True)
+            print_above_bars(f"error: {what} at step {iter_num}: stopping ({kept}); try a lower --learning_rate",
+                             file=sys.stderr)
         return 1
 
     def finish(self):

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import struct
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -164,22 +165,33 @@ def test_a_flipped_exponent_bit_in_a_tensor_stops_every_tool_with_one_line(train
     assert not out.exists()
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(data_dir, tmp_path, capsys, trained_run):
-    """The checkpoint's temporary file is a link to /dev/full: its write really fails with ENOSPC."""
+def test_a_full_disk_keeps_the_previous_checkpoint(data_dir, tmp_path, capsys, trained_run, monkeypatch):
+    """The checkpoint's temporary file writes to /dev/full: its write really fails with ENOSPC."""
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full")
     run_dir = shutil.copytree(trained_run, tmp_path / "run")
     path = Path(run_dir, CHECKPOINT_FILE)
     good = path.read_bytes()
-    os.symlink("/dev/full", f"{path}.tmp")
+    mkstemp, temporary = tempfile.mkstemp, []
+
+    def full_disk_mkstemp(**kwargs):  # the checkpoint's fresh file as usual, its descriptor writing to /dev/full
+        fd, name = mkstemp(**kwargs)
+        if kwargs["prefix"].startswith(CHECKPOINT_FILE):
+            full = os.open("/dev/full", os.O_WRONLY)
+            os.dup2(full, fd)
+            os.close(full)
+            temporary.append(name)
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", full_disk_mkstemp)
     code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
                                              "--ckpt_path", run_dir, "--max_iters", 6, "--eval_interval", 2,
-                                             "--always_save_checkpoint", 1))
+                                             "--always_save_checkpoint", 1, "--log_to_wandb", 0))
     assert code == 1
     assert_one_line_error(err, f"writing the checkpoint {path} failed (No space left on device): stopped, the "
                                f"previous checkpoint is kept")
     assert path.read_bytes() == good
-    assert not os.path.lexists(f"{path}.tmp")
+    assert temporary and not any(os.path.lexists(name) for name in temporary)
 
 
 class NotAWeight:

@@ -1,6 +1,6 @@
 """
 Tests of loader.py: the windows of the uint16 shards, BatchLoader (uniform windows, resumable state, prefetch),
-eval_batches, the token-id check, the one-line errors of missing or bad shards, and what importing it loads.
+EvalBatches, the token-id check, the one-line errors of missing or bad shards, and what importing it loads.
 The shards are written here, with tokens that name their place.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from loader import SHARD_DIR, BatchLoader, LoaderSettings, check_token_ids, eval_batches
+from loader import SHARD_DIR, BatchLoader, EvalBatches, LoaderSettings, check_token_ids
 from tokenizer import DataError, MissingDataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,23 +203,42 @@ def test_loader_errors(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# eval_batches, settings, token ids
+# EvalBatches, settings, token ids
 
 def test_eval_batches_are_deterministic_and_shared_across_ranks(tmp_path):
     T = 16
     shards = write_bins(tmp_path / SHARD_DIR, [1000, 400, 800])
-    single = list(eval_batches("train", settings(tmp_path, 4, T), 5))
+    single = list(EvalBatches("train", settings(tmp_path, 4, T), 5))
     assert len(single) == 5
-    again = list(eval_batches("train", settings(tmp_path, 4, T), 5))
+    again = list(EvalBatches("train", settings(tmp_path, 4, T), 5))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(single, again))
     places = [p for x, y in single for p in check_windows(x, y, shards, {1, 2}, T)]
     assert len(set(places)) == 20  # distinct windows
     assert all({k for k, _ in places[i:i + 4]} == {1, 2} for i in range(0, 20, 4))  # each batch spans the split
-    ranks = [list(eval_batches("train", settings(tmp_path, 4, T, rank=r, world_size=2), 5)) for r in (0, 1)]
+    ranks = [list(EvalBatches("train", settings(tmp_path, 4, T, rank=r, world_size=2), 5)) for r in (0, 1)]
     assert [len(r) for r in ranks] == [3, 2]
     assert all(torch.equal(a[0], b[0]) for a, b in zip(ranks[0] + ranks[1], single[0::2] + single[1::2]))
-    val = list(eval_batches("val", settings(tmp_path, 2, T), 3))
+    val = list(EvalBatches("val", settings(tmp_path, 2, T), 3))
     assert all(int(x[0, 0]) // 10000 == 0 for x, _ in val)
+
+
+def test_eval_batches_0_cover_every_non_overlapping_window_of_a_split_once(tmp_path):
+    """n_batches 0: inputs start every T tokens of each shard (shards too short for a window left out), in order;
+    every token but a shard's first is a target once, up to the shard's last whole window; the last batch is
+    smaller; ranks share the batches out."""
+    T = 16
+    shards = write_bins(tmp_path / SHARD_DIR, [100, 500, 10, 170])  # val is shard 0; shard 2 is too short
+    for split, kept, lengths in (("val", [0], [100]), ("train", [1, 3], [500, 170])):
+        batches = EvalBatches(split, settings(tmp_path, 4, T), 0)
+        starts = [(k, o) for k, n in zip(kept, lengths) for o in range(0, n - T, T)]
+        assert len(batches) == -(-len(starts) // 4)
+        got = [list(check_windows(x, y, shards, set(kept), T)) for x, y in batches]
+        assert [p for batch in got for p in batch] == starts
+        assert [len(b) for b in got] == [4] * (len(got) - 1) + [len(starts) - 4 * (len(got) - 1)]
+        ranks = [[check_windows(x, y, shards, set(kept), T)
+                  for x, y in EvalBatches(split, settings(tmp_path, 4, T, rank=r, world_size=2), 0)] for r in (0, 1)]
+        assert ranks[0] + ranks[1] == got[0::2] + got[1::2]
+    assert len(starts) == 31 + 10  # (500 - 16) / 16 and (170 - 16) / 16, rounded up
 
 
 def test_settings_take_all_but_the_batch_shape_by_keyword_and_check_the_rank():

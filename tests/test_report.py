@@ -249,3 +249,13 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
     assert "not a directory" in err[0] and "not the authors' run_histories.csv" in err[1] and "no run" in err[2]
+
+
+def test_an_eval_only_record_does_not_cut_the_training_curve(tmp_path):
+    """train.py --eval_only appends an evaluation at the checkpoint's step, which may be earlier than the last
+    evaluation of the training: it is not taken for a resume."""
+    path = tmp_path / "metrics.jsonl"
+    records = [dict(iter=i, tokens=100 * i, **{"val/loss": 5.0 - i / 10, "val/perplexity": 1.0}) for i in (0, 10, 20)]
+    records.append({"iter": 10, "tokens": 1000, "val/loss": 4.0, "val/perplexity": 1.0, "eval_only": True})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert [r["iter"] for r in report.read_evals(path)] == [0, 10, 20]

@@ -4,9 +4,12 @@ continues (and the settings it refuses), one writer per run directory, and the m
 disk, W&B offline without credentials).
 """
 
+import errno
 import glob
 import json
 import os
+import re
+import shlex
 import shutil
 import struct
 import subprocess
@@ -24,15 +27,80 @@ from toy_runs import (CONSTANT_LR, REPO, TRANSFORMER, args_for, assert_one_line_
                       run_script, step_losses, the_run_dir)
 
 
-def test_run_names_are_the_reference_s():
+def test_run_names_are_short_and_shell_safe():
     flags = dict(sa=4, ra=4, d_model=64, n_layers=4, ra_type="relational_attention", symmetric_rels=0,
                  symbol_type="symbolic_attention", pos_enc_type="RoPE", arch="current")
-    name, stamp = runs.run_name(Namespace(**flags)).split("__")
-    assert name == ("sa=4; ra=4; d=64; L=4; ra_type=relational_attention; sym_rel=False; "
-                    "symbol_type=symbolic_attention; pos_enc_type=RoPE")
-    assert len(stamp) == len("2024_05_01_12_00_00")
-    name = runs.run_name(Namespace(**dict(flags, ra=0, sa=8, arch="paper"))).split("__")[0]
-    assert name == "sa=8; d=64; L=4; pos_enc_type=RoPE; arch=paper"
+    name = runs.run_name(Namespace(**flags))
+    assert re.fullmatch(r"dat-sa4-ra4-d64-L4-relattn-symattn-rope-\d{8}-\d{6}", name)
+    assert shlex.quote(name) == name and len(name) < 60
+    name = runs.run_name(Namespace(**dict(flags, ra_type="disrca", symbol_type="position_relative",
+                                          pos_enc_type="pos_emb", symmetric_rels=1, arch="paper")))
+    assert name.startswith("dat-sa4-ra4-d64-L4-disrca-posrel-posemb-paper-")  # (symmetric only for relattn)
+    name = runs.run_name(Namespace(**dict(flags, symmetric_rels=1)))
+    assert name.startswith("dat-sa4-ra4-d64-L4-relattn-symattn-rope-symrel-")
+    name = runs.run_name(Namespace(**dict(flags, ra=0, sa=8, symbol_type="NA", ra_type="NA")))
+    assert name.startswith("transformer-sa8-d64-L4-rope-")
+
+
+@pytest.mark.parametrize("name", ["a b", "x;rm", "-rf", ".hidden", "..", "", "é", "a/b", "a" * 101])
+def test_run_name_takes_only_shell_safe_names(tmp_path, capsys, name):
+    code, _, err = run_main(capsys, [*TRANSFORMER, "--n_layers", 1, "--d_model", 32, "--out_dir", tmp_path,
+                                     f"--run_name={name}"])
+    assert code == 2
+    assert_one_line_error(err, f"--run_name {name!r}: use 1 to 100 letters, digits and -_.=, (not starting with - "
+                               f"or .)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_name_names_a_new_run_and_only_resume_continues_it(data_dir, tmp_path, capsys):
+    argv = args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--max_iters", 2, "--eval_interval", 2,
+                    "--run_name", "lr1e-2,seed=1337.a_b")
+    code, out, _ = run_main(capsys, argv)
+    assert code == 0 and f"run directory {tmp_path}/lr1e-2,seed=1337.a_b\n" in out
+    run_dir = tmp_path / "lr1e-2,seed=1337.a_b"
+    before = Path(run_dir, CHECKPOINT_FILE).read_bytes()
+    code, _, err = run_main(capsys, argv)
+    assert code == 2
+    assert_one_line_error(err, f"--run_name lr1e-2,seed=1337.a_b: the run {run_dir} exists: continue it with "
+                               f"--init_from resume, or choose another name")
+    assert Path(run_dir, CHECKPOINT_FILE).read_bytes() == before and run_dirs(tmp_path) == {str(run_dir)}
+    code, out, _ = run_main(capsys, argv + ["--init_from", "resume", "--max_iters", 4])
+    assert code == 0 and "resumed at step 2" in out and load_ckpt(run_dir)["iter_num"] == 4
+    code, _, err = run_main(capsys, argv + ["--init_from", "resume", "--ckpt_path", run_dir])
+    assert code == 2
+    assert_one_line_error(err, "--run_name and --ckpt_path both name a run: give one")
+
+
+def test_runs_with_the_old_names_still_resume(data_dir, tmp_path, capsys, trained_run):
+    """A run directory named as before (spaces, semicolons) is found by its settings and by --ckpt_path."""
+    old = tmp_path / "sa=4; d=32; L=1; pos_enc_type=RoPE__2026_12_06_18_20_10"
+    shutil.copytree(trained_run, old)
+    argv = args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--init_from", "resume", "--eval_interval", 2)
+    code, out, _ = run_main(capsys, argv + ["--max_iters", 6])
+    assert code == 0 and f"resuming from {old}/{CHECKPOINT_FILE}" in out and load_ckpt(old)["iter_num"] == 6
+    code, out, _ = run_main(capsys, argv + ["--max_iters", 8, "--ckpt_path", old])
+    assert code == 0 and load_ckpt(old)["iter_num"] == 8 and run_dirs(tmp_path) == {str(old)}
+
+
+def test_sample_lists_the_runs_of_a_folder(data_dir, tmp_path, capsys, trained_run):
+    """`sample.py --ckpt_path out` (a folder of runs): their names (quoted where the shell needs it), steps and
+    best validation losses, newest first, and exit status 2, instead of 'no checkpoint'."""
+    import sample
+    new, old = tmp_path / "out" / "new-run", tmp_path / "out" / "sa=4; d=32__2026_12_06_18_20_10"
+    shutil.copytree(trained_run, old)
+    shutil.copytree(trained_run, new)
+    os.utime(Path(old, CHECKPOINT_FILE), (0, 0))
+    loss = load_ckpt(trained_run)["best_val_loss"]
+    code = sample.main(["--ckpt_path", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 2 and err == ""
+    quoted = shlex.quote(old.name)
+    assert quoted == f"'{old.name}'"
+    assert out.splitlines() == [
+        f"{tmp_path / 'out'} holds 2 runs: sample one with --ckpt_path {tmp_path / 'out'}/NAME",
+        f"{'NAME':<{len(quoted)}}       STEP    VAL LOSS",
+        f"{'new-run':<{len(quoted)}}          4  {loss:10.4f}",
+        f"{quoted}          4  {loss:10.4f}"]
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -63,6 +131,17 @@ def test_resume_without_recorded_settings_names_model_flags(data_dir, tmp_path, 
     assert code == 2
     assert_one_line_error(err, "the flags describe another model than the checkpoint's: --max_seq_len 32 (flags: 64)")
     assert "max_block_size" not in err
+
+
+def test_resuming_a_run_of_ours_prints_no_note_of_unrecorded_flags(data_dir, tmp_path, capsys, trained_run):
+    """Our runs record every setting: no `note: the run does not record ...` (which used to list ModelConfig fields
+    that are no flags, such as --n_kv_heads_sa), and no change of --run_name."""
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
+                                             "--ckpt_path", run_dir, "--max_iters", 6, "--eval_interval", 2))
+    assert code == 0 and "resumed at step 4" in out
+    assert "does not record" not in out and "n_kv_heads" not in out and "--run_name" not in out
+    assert "changed since the run's last leg: --max_iters 4 -> 6, --always_save_checkpoint 1 -> 0\n" in out
 
 
 def run_dirs(out_dir):
@@ -133,19 +212,25 @@ def test_a_second_process_cannot_write_a_run_in_use(data_dir, tmp_path, trained_
 
 def test_an_unwritable_out_dir_is_one_line(data_dir, tmp_path, capsys):
     (tmp_path / "file").write_text("in the way")
-    code, _, err = run_main(capsys, args_for(data_dir, tmp_path / "file" / "out", TRANSFORMER, "--max_iters", 2))
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path / "file" / "out", TRANSFORMER, *CONSTANT_LR,
+                                             "--max_iters", 2))
     assert code == 1
     assert_one_line_error(err, f"cannot create the run directory {tmp_path}/file/out/", "(check --out_dir)")
 
 
-def test_a_full_disk_stops_with_one_line_and_keeps_the_checkpoint(data_dir, tmp_path, capsys, trained_run):
-    """metrics.jsonl is a link to /dev/full: its writes really fail with ENOSPC."""
-    if not os.path.exists("/dev/full"):
-        pytest.skip("needs /dev/full")
+def test_a_full_disk_stops_with_one_line_and_keeps_the_checkpoint(data_dir, tmp_path, capsys, trained_run,
+                                                                   monkeypatch):
+    """Every write to metrics.jsonl fails with ENOSPC (as the file system says when the disk is full)."""
     run_dir = shutil.copytree(trained_run, tmp_path / "run")
     good = Path(run_dir, CHECKPOINT_FILE).read_bytes()
-    Path(run_dir, "metrics.jsonl").unlink()
-    os.symlink("/dev/full", Path(run_dir, "metrics.jsonl"))
+    write = os.write
+
+    def full_disk(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk)
     code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
                                              "--ckpt_path", run_dir, "--max_iters", 6, "--eval_interval", 2,
                                              "--always_save_checkpoint", 1))
@@ -153,6 +238,30 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_checkpoint(data_dir, tmp_
     assert_one_line_error(err, f"writing {run_dir}/metrics.jsonl failed (No space left on device): stopped; the "
                                f"checkpoint written last is kept")
     assert Path(run_dir, CHECKPOINT_FILE).read_bytes() == good
+
+
+@pytest.mark.parametrize("planted", [f"{CHECKPOINT_FILE}.tmp", "config.json.tmp", "train.lock", "metrics.jsonl"])
+def test_symlinks_planted_in_a_run_directory_are_not_followed(data_dir, tmp_path, capsys, trained_run, planted):
+    """`ln -s VICTIM RUN/FILE`, then resume: the victim is untouched. Temporary files are created under fresh names
+    (a planted one is left alone and the run goes on); the lock and metrics.jsonl refuse a link with one line."""
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    link = Path(run_dir, planted)
+    if link.exists():
+        link.unlink()
+    os.symlink(victim, link)
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--init_from", "resume",
+                                             "--ckpt_path", run_dir, "--max_iters", 6, "--eval_interval", 2,
+                                             "--always_save_checkpoint", 1))
+    assert victim.read_text() == "precious\n" and link.is_symlink()
+    if planted.endswith(".tmp"):
+        assert code == 0, err
+        assert load_ckpt(run_dir)["iter_num"] == 6 and evals(run_dir)[-1]["iter"] == 6
+        assert glob.glob(os.path.join(glob.escape(str(run_dir)), "*.tmp")) == [str(link)]
+    else:
+        assert code == 1
+        assert_one_line_error(err, f"{link} is a symbolic link: not written through (remove it if it is not yours)")
 
 
 def wandb_records(path):

@@ -1,6 +1,6 @@
 """
-Tests of runtime.py: the one-line errors of every script's main, flags that are never abbreviated, RNG states and
-stop signals. (--device errors are tested through train.py in test_train.py.)
+Tests of runtime.py: the one-line errors of every script's main, flags that are never abbreviated, RNG states, stop
+signals and files replaced atomically. (--device errors are tested through train.py in test_train.py.)
 """
 
 import os
@@ -79,3 +79,24 @@ def test_stop_signals_are_recorded_then_act_as_usual():
         assert received == [signal.SIGTERM]
         assert signal.getsignal(signal.SIGTERM) is previous  # a second signal acts as usual
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_replacing_file_never_writes_through_a_link_and_keeps_the_old_file_on_an_error(tmp_path):
+    victim, path = tmp_path / "victim", tmp_path / "config.json"
+    victim.write_text("precious")
+    os.symlink(victim, f"{path}.tmp")  # the name a careless writer would use
+    os.symlink(victim, path)  # a link at the target itself is replaced, not followed
+    old_umask = os.umask(0o022)
+    try:
+        with runtime.replacing_file(str(path), "w") as f:
+            f.write("new")
+    finally:
+        os.umask(old_umask)
+    assert victim.read_text() == "precious" and not path.is_symlink() and path.read_text() == "new"
+    assert path.stat().st_mode & 0o777 == 0o644  # as open() would make it, not mkstemp's 0600
+    with pytest.raises(ZeroDivisionError):
+        with runtime.replacing_file(str(path), "w") as f:
+            f.write("half")
+            1 / 0
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["config.json",
+                                                                                        "config.json.tmp", "victim"]

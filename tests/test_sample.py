@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import flags
 import reference as R
 import sample
 import train
@@ -176,7 +177,7 @@ def test_a_sampling_flag_out_of_range_such_as_temperature_nan_is_one_line(flag, 
     assert_one_line_error(capsys.readouterr().err, message)
     if flag in ("--temperature", "--top_k"):
         with pytest.raises(SystemExit) as exit:
-            train.parse_args([*TRANSFORMER, "--n_layers", "1", "--d_model", "32", flag, value])
+            flags.parse_args([*TRANSFORMER, "--n_layers", "1", "--d_model", "32", flag, value])
         assert exit.value.code == 2
         assert_one_line_error(capsys.readouterr().err, message)
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import flags
 import model as M
 import reference as R
 import sweep
-import train
 from toy_runs import VOCAB
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,9 +142,9 @@ def dry_run(capsys, *argv):
     return [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
 
 
-def n_params(flags):
+def n_params(argv):
     """Parameters of the model train.py builds for these flags (on the meta device: nothing is allocated)."""
-    _, config = train.parse_args(flags)
+    _, config = flags.parse_args(argv)
     with torch.device("meta"):
         return M.build_model(config).num_params()
 
@@ -171,7 +171,7 @@ def test_dry_run_is_the_papers_table_with_its_settings_and_parameter_counts(caps
     rows = []
     for argv, expected in zip(commands, TABLE):
         assert argv[:2] == ["python", "train.py"]
-        args, _ = train.parse_args(argv[2:])
+        args, _ = flags.parse_args(argv[2:])
         row = sweep.Row.from_flags(vars(args))
         assert (row.d_model, row.n_layers, *row.columns) == expected[:5]
         assert n_params(argv[2:]) == expected[5]
@@ -187,14 +187,14 @@ def test_dry_run_is_the_papers_table_with_its_settings_and_parameter_counts(caps
 def test_the_ablations_are_those_of_the_authors_logs(capsys):
     commands = dry_run(capsys, "paper_ablations")
     assert len(commands) == 40
-    assert [sweep.Row.from_flags(vars(train.parse_args(a[2:])[0])) for a in commands[:33]] == sweep.PAPER_ROWS
-    ablations = {sweep.Row.from_flags(vars(train.parse_args(a[2:])[0])): a[2:] for a in commands[33:]}
+    assert [sweep.Row.from_flags(vars(flags.parse_args(a[2:])[0])) for a in commands[:33]] == sweep.PAPER_ROWS
+    ablations = {sweep.Row.from_flags(vars(flags.parse_args(a[2:])[0])): a[2:] for a in commands[33:]}
     assert {(r.ra_type, r.trainable_symbols) for r in ablations} == {("rca", 1), ("relational_attention", 0)}
     if not PAPER_LOGS.is_file():
         pytest.skip(f"the authors' logs are not at {PAPER_LOGS}")
     logged = logged_n_params()
-    for row, flags in ablations.items():
-        assert logged[row] == {n_params(flags)}, row.label
+    for row, row_flags in ablations.items():
+        assert logged[row] == {n_params(row_flags)}, row.label
     assert {logged[r].pop() for r in sweep.PAPER_ROWS} == {row[5] for row in TABLE}  # the table's counts are logged
 
 
@@ -203,7 +203,7 @@ def test_options_shape_the_commands(capsys):
                    "--", "--compile", "1", "--data_dir", "D")
     assert len(argv) == 2 and all(a[:6] == ["python", "-m", "torch.distributed.run", "--standalone",
                                             "--nproc_per_node=4", "train.py"] for a in argv)
-    args, _ = train.parse_args(argv[0][6:])
+    args, _ = flags.parse_args(argv[0][6:])
     assert (args.d_model, args.n_layers, args.sa, args.ra, args.max_iters, args.compile, args.data_dir) == \
         (128, 6, 4, 4, 300, 1, "D")
     assert args.batch_size * args.gradient_accumulation_steps == 256 and args.gradient_accumulation_steps % 4 == 0
@@ -231,7 +231,7 @@ def test_abbreviations_of_flags_the_sweep_sets_are_refused_after_the_double_dash
 
 def test_every_other_train_flag_passes_the_double_dash():
     controlled = {f"--{name}" for name in sweep.ROW_FLAGS | sweep.SWEEP_FLAGS}
-    for action in train.build_parser()._actions:
+    for action in flags.build_parser()._actions:
         for flag in set(action.option_strings) - controlled:
             sweep.check_extra([flag, "1"])
 
@@ -254,7 +254,7 @@ def test_a_rerun_with_other_train_flags_is_refused_instead_of_reported_finished(
     row = sweep.PAPER_ROWS[0]
     run_dir = tmp_path / "runs" / row.name / "run"
     run_dir.mkdir(parents=True)
-    args, _ = train.parse_args(sweep.row_flags(row, 5, 1) + ["--vocab_size", "512", "--max_seq_len", "64"])
+    args, _ = flags.parse_args(sweep.row_flags(row, 5, 1) + ["--vocab_size", "512", "--max_seq_len", "64"])
     (run_dir / "config.json").write_text(json.dumps(dict(vars(args), dtype="float32")))
     (run_dir / "metrics.jsonl").write_text(json.dumps({"iter": 5, "tokens": 5 * 256 * 64, "val/loss": 5.0}) + "\n")
     argv = ["paper", "--only", TRANSFORMER_ROW, "--max_iters", "5", "--out_dir", str(tmp_path / "runs")]

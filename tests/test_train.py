@@ -5,24 +5,30 @@ in a new process, SIGTERM, torchrun (gloo). Finding the run to resume, the run l
 tested in test_runs.py; damaged checkpoints in test_checkpoints.py.
 """
 
+import fcntl
 import functools
 import glob
 import json
 import math
 import os
+import pty
+import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import flags
 import reference as R
 import train
-from loader import LoaderSettings, eval_batches
+from loader import EvalBatches, LoaderSettings
 from tokenizer import Tokenizer
 from checkpoints import CHECKPOINT_FILE
 from toy_runs import (CONSTANT_LR, MODELS, REPO, TRANSFORMER, VOCAB, args_for, assert_one_line_error, dat, evals,
@@ -49,18 +55,18 @@ SEED_CHOICES = {
     "symbol_type": {"position_relative", "symbolic_attention", "NA"}, "pos_enc_type": {"RoPE", "pos_emb"},
     "ra_type": {"relational_attention", "rca", "disrca", "NA"}, "init_from": {"scratch", "resume"},
 }
-REQUIRED = {"sa", "ra", "symbol_type", "pos_enc_type", "ra_type", "n_layers", "d_model"}
+REQUIRED = {"sa", "ra", "symbol_type", "pos_enc_type", "ra_type", "n_layers", "d_model"}  # (types: with --ra > 0)
 SWITCHES = {"norm_first", "symmetric_rels", "trainable_symbols", "use_cosine_sched", "eval_only", "log_to_wandb",
             "always_save_checkpoint", "compile"}
 
 
 def test_every_seed_flag_parses_with_the_seed_defaults():
-    actions = {a.dest: a for a in train.build_parser()._actions if a.dest != "help"}
+    actions = {a.dest: a for a in flags.build_parser()._actions if a.dest != "help"}
     assert SEED_FLAGS.keys() <= actions.keys()
-    assert {d for d, a in actions.items() if a.required} == REQUIRED
+    assert all(actions[d].default is None for d in REQUIRED)  # required by parse_args, unless a run gives them
     minimal = ["--sa", "8", "--ra", "0", "--symbol_type", "NA", "--pos_enc_type", "RoPE", "--ra_type", "NA",
                "--n_layers", "4", "--d_model", "64"]
-    args = vars(train.build_parser().parse_args(minimal))
+    args = vars(flags.build_parser().parse_args(minimal))
     for dest, default in SEED_FLAGS.items():
         if dest not in REQUIRED:
             assert args[dest] == default and type(args[dest]) is type(default), dest
@@ -68,13 +74,13 @@ def test_every_seed_flag_parses_with_the_seed_defaults():
     for dest, choices in SEED_CHOICES.items():
         assert set(actions[dest].choices) == choices, dest
     for dest in SWITCHES:  # booleans are 0/1 integers, as in the reference
-        assert train.build_parser().parse_args(minimal + [f"--{dest}", "0"]).__dict__[dest] == 0
-        assert train.build_parser().parse_args(minimal + [f"--{dest}", "1"]).__dict__[dest] == 1
-    assert train.build_parser().parse_args(minimal + ["--dff", "96"]).dff == 96
+        assert flags.build_parser().parse_args(minimal + [f"--{dest}", "0"]).__dict__[dest] == 0
+        assert flags.build_parser().parse_args(minimal + [f"--{dest}", "1"]).__dict__[dest] == 1
+    assert flags.build_parser().parse_args(minimal + ["--dff", "96"]).dff == 96
 
 
 def test_help_explains_every_flag():
-    parser = train.build_parser()
+    parser = flags.build_parser()
     for action in parser._actions:
         assert action.help and len(action.help) > 10, action.dest
     text = parser.format_help()
@@ -97,6 +103,29 @@ def test_contradictory_flags_give_a_one_line_error(tmp_path, capsys, monkeypatch
     assert code == 2
     assert_one_line_error(err, message)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_transformer_needs_no_symbol_or_relational_attention_type(data_dir, tmp_path, capsys):
+    """--symbol_type and --ra_type are NA with --ra 0, and required (one line, exit 2) with --ra > 0; the other model
+    flags are required, unless a run gives them (--eval_only 1 --ckpt_path)."""
+    transformer = ["--sa", "4", "--ra", "0", "--pos_enc_type", "RoPE"]
+    args, config = flags.parse_args(transformer + ["--n_layers", "1", "--d_model", "32"])
+    assert (args.symbol_type, args.ra_type, config.kind) == ("NA", "NA", "TransformerLM")
+    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path, transformer, "--max_iters", 2, "--eval_interval", 2,
+                                             "--warmup_iters", 1))
+    assert code == 0 and "step 2: train loss" in out
+    for argv, message in [
+        (["--ra_type", "rca"], "--ra 2 needs --symbol_type symbolic_attention or position_relative"),
+        (["--symbol_type", "position_relative"], "--ra 2 needs --ra_type relational_attention, rca or disrca"),
+    ]:
+        code, _, err = run_main(capsys, ["--sa", 2, "--ra", 2, "--pos_enc_type", "RoPE", "--n_layers", 1, "--d_model",
+                                         32, *argv])
+        assert code == 2
+        assert_one_line_error(err, message)
+    code, _, err = run_main(capsys, ["--ra", "0", "--n_layers", "1"])
+    assert code == 2
+    assert_one_line_error(err, "the following arguments are required: --sa, --pos_enc_type, --d_model (or evaluate "
+                               "a run's checkpoint with --eval_only 1 --ckpt_path RUN)")
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -154,7 +183,7 @@ def test_temperature_zero_samples_greedily_and_sample_tokens_zero_skips(data_dir
 
 
 def test_learning_rate_schedule():
-    args = train.build_parser().parse_args(TRANSFORMER + ["--n_layers", "1", "--d_model", "32", "--warmup_iters",
+    args = flags.build_parser().parse_args(TRANSFORMER + ["--n_layers", "1", "--d_model", "32", "--warmup_iters",
                                                           "10", "--learning_rate", "1e-3"])
     assert train.get_lr(0, args, 110) == 0.0
     assert train.get_lr(5, args, 110) == pytest.approx(5e-4)
@@ -166,13 +195,59 @@ def test_learning_rate_schedule():
 
 
 def test_epochs_or_max_iters_whichever_comes_first():
-    args = train.build_parser().parse_args(TRANSFORMER + ["--n_layers", "1", "--d_model", "32", "--n_epochs", "2",
+    args = flags.build_parser().parse_args(TRANSFORMER + ["--n_layers", "1", "--d_model", "32", "--n_epochs", "2",
                                                           "--max_iters", "1000"])
     assert train.training_steps(args, 10_000, 1024)[0] == 20  # ceil(2 * 10000 / 1024)
     args.max_iters = 7
     assert train.training_steps(args, 10_000, 1024)[0] == 7
     args.n_epochs = -1
     assert train.training_steps(args, 10_000, 1024)[0] == 7
+
+
+def test_a_warm_up_longer_than_the_run_is_warned_about(data_dir, tmp_path, capsys):
+    code, _, err = run_main(capsys, args_for(data_dir, tmp_path / "a", TRANSFORMER, "--max_iters", 4,
+                                             "--eval_interval", 4))  # the default warm-up: 1,000 steps
+    assert code == 0
+    assert err == ("warning: --warmup_iters 1000 >= the 4 training steps: the learning rate is still warming up at "
+                   "the last step (1.50e-06, not --learning_rate 0.0005); lower --warmup_iters\n")
+    for extra in (["--warmup_iters", 3], ["--use_cosine_sched", 0]):
+        code, _, err = run_main(capsys, args_for(data_dir, tmp_path / "b", TRANSFORMER, "--max_iters", 4,
+                                                 "--eval_interval", 4, *extra))
+        assert code == 0 and err == ""
+
+
+def on_a_terminal(argv):
+    """train.py with stderr on a 24 x 120 pseudo-terminal and stdout piped: (exit code, stdout, what the terminal
+    got)."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, argv)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=terminal, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            data = os.read(controller, 1 << 16)
+        except OSError:  # EIO: the process has closed the terminal
+            break
+        if not data:
+            break
+        shown += data
+    os.close(controller)
+    out = proc.stdout.read().decode()
+    return proc.wait(timeout=60), out, shown.decode(errors="replace")
+
+
+def test_progress_bars_show_on_a_terminal(data_dir, tmp_path):
+    """Evaluations and training lasting over a second show a bar with a rate and an ETA on a terminal; the log lines
+    on stdout stay whole. (With stderr not a terminal nothing is drawn: the other subprocess tests see no stderr.)"""
+    code, out, shown = on_a_terminal(args_for(data_dir, tmp_path, TRANSFORMER, *CONSTANT_LR, "--max_iters", 400,
+                                              "--eval_interval", 400, "--eval_iters", 2500, "--log_interval", 100,
+                                              "--sample_tokens", 0))
+    assert code == 0, shown
+    for bar in ("evaluating train", "evaluating val", "training"):
+        assert re.search(rf"{bar}: +\d+%.*\| \d+/\d+ \[\d+:\d+<\d+:\d+", shown), (bar, shown)
+    assert re.search(r"^100 \| loss [\d.]+ \| lr", out, re.M) and "step 400: train loss" in out
 
 
 # -----------------------------------------------------------------------------
@@ -262,24 +337,6 @@ def test_paper_arch_decays_every_matrix_and_resumes(data_dir, tmp_path, capsys):
                                              "--eval_only", 1))
     assert code == 0
     assert f"step 4: train loss {evals(run_dir)[-1]['train/loss']:.4f}" in out
-
-
-def test_eval_only_evaluates_and_writes_nothing(data_dir, tmp_path, capsys, trained_run):
-    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path / "fresh", TRANSFORMER, "--eval_only", 1))
-    assert code == 0
-    assert "step 0: train loss" in out and "val perplexity" in out
-    assert not (tmp_path / "fresh").exists()
-
-    before, n_records = Path(trained_run, CHECKPOINT_FILE).read_bytes(), len(metrics(trained_run))
-    code, out, _ = run_main(capsys, args_for(data_dir, tmp_path / "unused", TRANSFORMER, *CONSTANT_LR, "--eval_only",
-                                             1, "--init_from", "resume", "--ckpt_path", trained_run))
-    assert code == 0
-    last = evals(trained_run)[-1]  # the evaluation the checkpoint was written after
-    assert f"step 4: train loss {last['train/loss']:.4f}, val loss {last['val/loss']:.4f}" in out
-    assert Path(trained_run, CHECKPOINT_FILE).read_bytes() == before
-    assert len(metrics(trained_run)) == n_records and "GENERATED" not in out
-    assert not (tmp_path / "unused").exists()
-
 
 
 def test_token_ids_outside_the_vocabulary_stop_before_training(data_dir, tmp_path, capsys):
@@ -382,9 +439,9 @@ def test_the_logged_rate_is_an_interval_average_without_evaluation(data_dir, tmp
         now[0] += 0.4 if self.iter_num == 7 else 0.01
         return step(self, *args)
 
-    def timed_evaluate(self):
+    def timed_evaluate(self, *args):
         now[0] += 1.0
-        return evaluate(self)
+        return evaluate(self, *args)
 
     monkeypatch.setattr(train.Trainer, "step", timed_step)
     monkeypatch.setattr(train.Trainer, "evaluate", timed_evaluate)
@@ -402,31 +459,32 @@ def test_the_logged_rate_is_an_interval_average_without_evaluation(data_dir, tmp
 
 
 def test_a_reference_checkpoint_evaluates_and_resumes(data_dir, tmp_path, capsys):
-    flags = dict(sa=2, ra=2, symbol_type="symbolic_attention", pos_enc_type="RoPE", ra_type="relational_attention",
+    model_flags = dict(sa=2, ra=2, symbol_type="symbolic_attention", pos_enc_type="RoPE", ra_type="relational_attention",
                  n_layers=1, d_model=32, max_seq_len=32, vocab_size=VOCAB)
     run_dir = tmp_path / "reference_run"
     run_dir.mkdir()
-    model = reference_checkpoint(run_dir / CHECKPOINT_FILE, flags)
+    model = reference_checkpoint(run_dir / CHECKPOINT_FILE, model_flags)
     with torch.no_grad():
         val = [model(x, y)[1].item() for x, y in eval_windows(data_dir)]
     argv = args_for(data_dir, tmp_path, MODELS["ra-symbolic"], "--init_from", "resume", "--ckpt_path", run_dir,
                     "--device", "cpu")  # float32 on every host: the loss equals the float32 forward above
+    code, out, _ = run_main(capsys, argv + ["--eval_only", "1"])  # (their settings where the flags give none)
+    assert code == 0
+    assert f"evaluating {run_dir}/{CHECKPOINT_FILE} (step 3)" in out and f"val loss {sum(val) / len(val):.4f}" in out
 
-    code, _, err = run_main(capsys, argv + ["--eval_only", "1"])  # their learning rate was 1e-3
+    code, _, err = run_main(capsys, argv + ["--max_iters", "5", "--eval_interval", "5"])  # their lr was 1e-3
     assert code == 2
     assert_one_line_error(err, "--learning_rate 0.001 (this command: 0.0005)")
     argv += ["--learning_rate", "1e-3"]
-    code, out, _ = run_main(capsys, argv + ["--eval_only", "1"])
-    assert code == 0
-    assert f"val loss {sum(val) / len(val):.4f}" in out and "resumed at step 3" in out
-    assert "changed since the run's last leg: " in out and "--device cuda -> cpu" in out
-    [note] = [line for line in out.splitlines() if line.startswith("note: the run does not record")]
-    flags = note.split(": ")[1].split(", ")
-    assert {"--arch", "--dtype", "--seed", "--warmup_iters"} <= set(flags)  # their dtype is not compared
-    assert "--batch_size" not in flags and "--learning_rate" not in flags
-
     code, out, _ = run_main(capsys, argv + ["--max_iters", "5", "--eval_interval", "5"])
     assert code == 0
+    assert "resumed at step 3" in out
+    assert "changed since the run's last leg: " in out and "--device cuda -> cpu" in out
+    [note] = [line for line in out.splitlines() if line.startswith("note: the run does not record")]
+    noted = note.removeprefix("note: the run does not record ").split(": ")[0].split(", ")
+    assert {"--arch", "--dtype", "--seed", "--warmup_iters"} <= set(noted)  # their dtype is not compared
+    assert "--batch_size" not in noted and "--learning_rate" not in noted
+    assert set(noted) <= {a.option_strings[0] for a in flags.build_parser()._actions}  # every one a flag
     assert "batches and dropout start afresh from --seed" in out
     ckpt = load_ckpt(run_dir)
     assert (ckpt["iter_num"], ckpt["kind"], ckpt["arch"]) == (5, "DualAttnTransformerLM", "current")
@@ -434,7 +492,7 @@ def test_a_reference_checkpoint_evaluates_and_resumes(data_dir, tmp_path, capsys
 
 
 def eval_windows(data_dir):
-    return eval_batches("val", LoaderSettings(8, 32, vocab_size=VOCAB, data_dir=data_dir), 2)
+    return EvalBatches("val", LoaderSettings(8, 32, vocab_size=VOCAB, data_dir=data_dir), 2)
 
 
 # -----------------------------------------------------------------------------
