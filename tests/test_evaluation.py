@@ -70,7 +70,7 @@ def whole_val_loss(model, data_dir, T=32):
 
 
 def test_eval_iters_0_evaluates_every_window_of_the_validation_split_once(data_dir, tmp_path, capsys, trained_run):
-    """On the checkpoint file itself (ckpt.pt, not its directory); --data_dir and --device may be given."""
+    """On the checkpoint file itself (the checkpoint file, not its directory); --data_dir and --device may be given."""
     run_dir = shutil.copytree(trained_run, tmp_path / "run")
     loss, n_windows = whole_val_loss(R.model_from_checkpoint(load_ckpt(run_dir)), data_dir)
     assert n_windows > 8 * 2  # more than the 2 batches of 8 of a training-time evaluation
