@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import train
+import flags
 from bench import train as bench
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_steady_state_is_tokens_over_time_after_the_first_interval():
 def test_train_py_command_is_train_py_flags_for_the_same_model():
     cfg = bench.resized(bench.CUDA_CONFIGS["dat_d64_L4_posrel"], batch_size=16)
     command = bench.train_py_command(cfg, "DATA", "OUT", "cuda", True, 25)
-    args = train.build_parser().parse_args(command[2:])
+    args = flags.build_parser().parse_args(command[2:])
     assert (args.sa, args.ra, args.symbol_type, args.d_model, args.n_layers, args.max_seq_len, args.batch_size) == \
         (4, 4, "position_relative", 64, 4, 512, 16)
     assert (args.compile, args.log_to_wandb, args.log_interval, args.max_iters, args.eval_iters) == (1, 0, 25, 126, 1)
