@@ -104,7 +104,7 @@ def layer_panels(key, maps, layer):
 
 def write_index(out_dir, prompt, labels, note, sections):
     """index.html: the prompt, its tokens and every figure, by layer."""
-    parts = [f"<!doctype html><meta charset='utf-8'><title>attention maps</title>",
+    parts = ["<!doctype html><meta charset='utf-8'><title>attention maps</title>",
              "<style>body{font-family:sans-serif;margin:2em} img{max-width:100%;border:1px solid #ddd}</style>",
              f"<h1>Attention maps</h1><p><b>prompt:</b> {html.escape(prompt)}</p>",
              f"<p><b>tokens ({len(labels)}):</b> " + " | ".join(html.escape(repr(t)[1:-1]) for t in labels) + "</p>"]
